@@ -1,0 +1,59 @@
+"""Layer costs measured by `mpplan profile` (planner/profile.py), in the same LayerCost records as the analytic
+roofline, so the search cannot tell them apart. Collectives measured there replace the α-β numbers of the
+topology (planner/topology.py, fitted_costs)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from planner.costmodel import LayerCost
+from planner.profile import LayerProfile, Profile
+from planner.specs import GPUSpec, Recompute
+
+
+class ProfiledCosts:
+    source = "profile"
+
+    def __init__(self, profile: Profile, gpu: GPUSpec):
+        self.profile, self.model, self.gpu = profile, profile.model, gpu
+        self.elem_bytes = 4 if profile.precision == "fp32" else 2
+        self.block = lru_cache(maxsize=None)(self._block)
+        self.embedding = lru_cache(maxsize=None)(self._embedding)
+        self.head = lru_cache(maxsize=None)(self._head)
+
+    def available(self, tp: int, sp: bool, mbs: int) -> str | None:
+        """Why this (tp, sp, mbs) cannot be priced from the profile, or None."""
+        if sp:
+            return "sequence parallel was not profiled (the profile measures TP shards without SP)"
+        if self.profile.layer("block", tp, mbs) is None:
+            tps = sorted({lp.tp for lp in self.profile.layers})
+            mbss = sorted({lp.micro_batch_size for lp in self.profile.layers})
+            return f"tp {tp} x mbs {mbs} was not profiled (profiled tp {tps}, mbs {mbss})"
+        return None
+
+    def memory_time_s(self, nbytes: float) -> float:
+        return nbytes / (self.gpu.hbm_GBps * 1e9)
+
+    def _cost(self, lp: LayerProfile, collectives: int) -> LayerCost:
+        tokens = lp.micro_batch_size * self.model.seq_len
+        return LayerCost(fwd_s=lp.fwd_s, bwd_s=lp.bwd_s, recompute_extra_s=dict(lp.recompute_extra_s),
+                         params=lp.params, act_bytes={Recompute(k): float(v) for k, v in lp.activation_bytes.items()},
+                         tp_comm_bytes=self.elem_bytes * tokens * self.model.hidden_size,
+                         tp_collectives=collectives if lp.tp > 1 else 0)
+
+    def _layer(self, kind: str, tp: int, mbs: int) -> LayerProfile:
+        lp = self.profile.layer(kind, tp, mbs)
+        if lp is None:
+            raise KeyError(f"{kind} tp={tp} mbs={mbs} not in the profile")
+        return lp
+
+    def _block(self, tp: int, sp: bool, mbs: int) -> LayerCost:
+        cost = self._cost(self._layer("block", tp, mbs), 2)
+        if Recompute.NONE not in cost.recompute_extra_s:
+            cost.recompute_extra_s[Recompute.NONE] = 0.0
+        return cost
+
+    def _embedding(self, tp: int, sp: bool, mbs: int) -> LayerCost:
+        return self._cost(self._layer("embedding", tp, mbs), 1)
+
+    def _head(self, tp: int, sp: bool, mbs: int) -> LayerCost:
+        return self._cost(self._layer("head", tp, mbs), 1)

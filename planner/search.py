@@ -1,0 +1,231 @@
+"""The search: enumerate (tp, pp, dp, vpp, micro-batch, recompute, sp, ZeRO, schedule, mesh order), prune with
+cheap bounds, partition the survivors with the ILP, simulate them, and rank. Every configuration that is not
+chosen is kept with the reason why (indivisible batch, unsupported by the runtime, out of memory by how much, or
+provably slower than the plans kept)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from planner.estimate import Config, Estimator
+from planner.partition import PartitionResult, min_rank_memory_bytes, solve_partition
+from planner.plan import MeshAxis, Parallel, Plan, Schedule, SolverInfo, StagePlan
+from planner.schedule import validate_schedule
+from planner.specs import Recompute
+from planner.support import unsupported_reason
+
+GiB = 2**30
+MAX_MICRO_BATCH = 32
+MAX_VPP = 8
+ALL_MODES = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)
+
+
+@dataclass(frozen=True)
+class Pins:
+    """Dimensions fixed from the command line; None leaves them to the search."""
+
+    tp: int | None = None
+    pp: int | None = None
+    dp: int | None = None
+    vpp: int | None = None
+    mbs: int | None = None
+    recompute: Recompute | None = None
+    sp: bool | None = None
+    zero: int | None = None
+    schedule: Schedule | None = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    config: dict
+    kind: str  # "indivisible" | "unsupported" | "oom" | "slower"
+    reason: str
+    shortfall_bytes: float = 0.0
+
+
+@dataclass
+class SolveResult:
+    plans: list[Plan]
+    rejected: list[Rejected]
+    solve_time_s: float
+    ilp_calls: int = 0
+    considered: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def no_fit_message(self) -> str:
+        """Why nothing fits, naming the binding constraint and the nearest fix."""
+        ooms = [r for r in self.rejected if r.kind == "oom"]
+        if ooms:
+            near = min(ooms, key=lambda r: r.shortfall_bytes)
+            c = near.config
+            return (f"no plan fits in memory: the closest (tp={c['tp']} pp={c['pp']} dp={c['dp']} mbs={c['mbs']} "
+                    f"recompute={c['recompute']} zero={c['zero']}) needs {near.shortfall_bytes / GiB:.2f} GiB more per "
+                    f"GPU; use more GPUs, --recompute full, a smaller --mbs, or a higher --zero")
+        kinds = sorted({r.kind for r in self.rejected})
+        first = self.rejected[0].reason if self.rejected else "no configuration to try"
+        return f"no plan fits: every configuration was rejected ({', '.join(kinds) or 'none'}), e.g. {first}"
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_configs(est: Estimator, pins: Pins) -> tuple[list[Config], list[Rejected]]:
+    model, cluster, train = est.model, est.cluster, est.train
+    n, per_node = cluster.num_gpus, cluster.gpus_per_node
+    configs: list[Config] = []
+    rejected: list[Rejected] = []
+
+    def reject(kind: str, reason: str, **cfg) -> None:
+        rejected.append(Rejected(config=cfg, kind=kind, reason=reason))
+
+    tps = [pins.tp] if pins.tp else [t for t in divisors(min(per_node, n)) if n % t == 0]
+    for tp in tps:
+        if model.num_heads % tp or model.kv_heads % tp or model.ffn % tp:
+            reject("indivisible", f"tp {tp} does not divide the heads ({model.num_heads}, kv {model.kv_heads}) or ffn", tp=tp)
+            continue
+        if n % tp:
+            reject("indivisible", f"tp {tp} does not divide {n} GPUs", tp=tp)
+            continue
+        pps = [pins.pp] if pins.pp else [p for p in divisors(n // tp) if p <= model.num_layers]
+        for pp in pps:
+            if (n // tp) % pp:
+                reject("indivisible", f"tp({tp}) * pp({pp}) does not divide {n} GPUs", tp=tp, pp=pp)
+                continue
+            dp = n // (tp * pp)
+            if pins.dp and pins.dp != dp:
+                reject("indivisible", f"pp({pp}) * dp({pins.dp}) * tp({tp}) != {n} GPUs", tp=tp, pp=pp, dp=pins.dp)
+                continue
+            if train.global_batch % dp:
+                reject("indivisible", f"global batch {train.global_batch} is not divisible by dp {dp}", tp=tp, pp=pp, dp=dp)
+                continue
+            local = train.global_batch // dp
+            mbss = [pins.mbs] if pins.mbs else [d for d in divisors(local) if d <= MAX_MICRO_BATCH]
+            for mbs in mbss:
+                if local % mbs:
+                    reject("indivisible", f"batch per replica {local} is not divisible by micro-batch {mbs}",
+                           tp=tp, pp=pp, dp=dp, mbs=mbs)
+                    continue
+                m = local // mbs
+                _expand(est, pins, configs, rejected, tp, pp, dp, mbs, m)
+    return configs, rejected
+
+
+def _expand(est: Estimator, pins: Pins, configs: list, rejected: list, tp: int, pp: int, dp: int, mbs: int, m: int) -> None:
+    model, per_node = est.model, est.cluster.gpus_per_node
+    schedules = [pins.schedule] if pins.schedule else (
+        [Schedule.ONE_F_ONE_B] if pp == 1 else [Schedule.ONE_F_ONE_B, Schedule.GPIPE, Schedule.INTERLEAVED])
+    sps = [pins.sp] if pins.sp is not None else ([False, True] if tp > 1 else [False])
+    zeros = [pins.zero] if pins.zero is not None else ([0, 1, 2, 3] if dp > 1 else [0])
+    modes = (pins.recompute,) if pins.recompute else ALL_MODES
+    orders = [(MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)]
+    if pp > 1 and dp > 1 and tp < per_node:  # whether pipeline or data-parallel neighbours share a node matters
+        orders.append((MeshAxis.DP, MeshAxis.PP, MeshAxis.TP))
+    for schedule in schedules:
+        if schedule == Schedule.INTERLEAVED:
+            vpps = [pins.vpp] if pins.vpp else [v for v in range(2, MAX_VPP + 1) if pp * v <= model.num_layers]
+        else:
+            vpps = [pins.vpp or 1]
+        for vpp in vpps:
+            base = dict(tp=tp, pp=pp, dp=dp, mbs=mbs, microbatches=m, vpp=vpp, schedule=str(schedule))
+            why = _schedule_reason(schedule, pp, vpp, m, model.num_layers)
+            if why:
+                rejected.append(Rejected(config=base, kind="unsupported", reason=why))
+                continue
+            for sp in sps:
+                why = est.unavailable(tp, sp, mbs)
+                if why:
+                    rejected.append(Rejected(config={**base, "sp": sp}, kind="unsupported", reason=why))
+                    continue
+                for zero in zeros:
+                    par = Parallel(tp=tp, pp=pp, dp=dp, vpp=vpp, sp=sp)
+                    why = unsupported_reason(par, zero, schedule, m, model)
+                    if why:
+                        rejected.append(Rejected(config={**base, "sp": sp, "zero": zero}, kind="unsupported", reason=why))
+                        continue
+                    for order in orders:
+                        configs.append(Config(tp=tp, pp=pp, dp=dp, vpp=vpp, sp=sp, micro_batch_size=mbs,
+                                              num_microbatches=m, zero=zero, schedule=schedule,
+                                              recompute=modes, mesh_order=order))
+
+
+@lru_cache(maxsize=4096)
+def _schedule_reason(schedule: Schedule, pp: int, vpp: int, m: int, layers: int) -> str | None:
+    if pp * vpp > layers:
+        return f"pp({pp}) * vpp({vpp}) stages exceed the model's {layers} blocks"
+    return validate_schedule(schedule, pp, vpp, m)
+
+
+def time_lower_bound_s(est: Estimator, c: Config, problem) -> float:
+    """No pipeline rank can finish before it has run its share of every micro-batch with the fastest mode."""
+    fastest = min(o.time_s for o in problem.options)
+    work = problem.num_blocks * fastest + problem.first_time_s + problem.last_time_s
+    return c.num_microbatches * work / c.pp
+
+
+def solve(est: Estimator, pins: Pins = Pins(), top_k: int | None = 5, time_limit_s: float = 10.0) -> SolveResult:
+    """Rank the configurations; top_k=None keeps every feasible plan (no pruning by bound)."""
+    start = time.perf_counter()
+    configs, rejected = enumerate_configs(est, pins)
+    scored = []
+    for c in configs:
+        comm = est.comm(c)
+        problem = est.partition_problem(c, comm)
+        need = min_rank_memory_bytes(problem)
+        if need > problem.memory_cap_bytes:
+            short = need - problem.memory_cap_bytes
+            rejected.append(Rejected(config=c.summary(), kind="oom", shortfall_bytes=short,
+                                     reason=f"out of memory by at least {short / GiB:.2f} GiB per GPU"))
+            continue
+        scored.append((time_lower_bound_s(est, c, problem), c, comm, problem))
+    scored.sort(key=lambda x: x[0])
+    plans: list[Plan] = []
+    ilp_calls = 0
+    for bound, c, comm, problem in scored:
+        if top_k and len(plans) >= top_k:
+            plans.sort(key=lambda p: p.predicted.step_time_s)
+            kth = plans[top_k - 1].predicted.step_time_s
+            if bound >= kth:
+                rejected.append(Rejected(config=c.summary(), kind="slower",
+                                         reason=f"at least {bound:.3g} s/step, slower than the top {top_k} ({kth:.3g} s)"))
+                continue
+        ilp_calls += 1
+        part = solve_partition(problem, time_limit_s=time_limit_s)
+        if part is None:
+            rejected.append(Rejected(config=c.summary(), kind="oom", shortfall_bytes=0.0,
+                                     reason="no stage partition fits in memory (every split overflows some stage)"))
+            continue
+        plans.append(build_plan(est, c, part, comm))
+    plans.sort(key=lambda p: (p.predicted.step_time_s, p.predicted.peak_memory_bytes))
+    if top_k:
+        for p in plans[top_k:]:
+            rejected.append(Rejected(config=plan_summary(p), kind="slower",
+                                     reason=f"{p.predicted.step_time_s:.3g} s/step, below the top {top_k}"))
+        plans = plans[:top_k]
+    return SolveResult(plans=plans, rejected=rejected, solve_time_s=time.perf_counter() - start,
+                       ilp_calls=ilp_calls, considered=len(configs))
+
+
+def build_plan(est: Estimator, c: Config, part: PartitionResult, comm) -> Plan:
+    stages, first = [], 0
+    for counts in part.counts:
+        n = sum(counts.values())
+        stages.append(StagePlan(layers=(first, first + n), recompute={m: k for m, k in counts.items() if k}))
+        first += n
+    used = {m for counts in part.counts for m, k in counts.items() if k}
+    summary = str(next(iter(used))) if len(used) == 1 else ("none" if not used else "mixed")
+    return Plan(model=est.model, cluster=est.cluster, train=est.train,
+                parallel=Parallel(tp=c.tp, pp=c.pp, dp=c.dp, vpp=c.vpp, sp=c.sp),
+                micro_batch_size=c.micro_batch_size, num_microbatches=c.num_microbatches, recompute=summary,
+                zero=c.zero, schedule=c.schedule, mesh_order=c.mesh_order, stages=stages,
+                predicted=est.predict(c, part, comm),
+                solver=SolverInfo(solver=part.solver, status=part.status, gap=part.gap, time_s=part.time_s),
+                cost_source=getattr(est.costs, "source", "analytic"))
+
+
+def plan_summary(p: Plan) -> dict:
+    par = p.parallel
+    return {"tp": par.tp, "pp": par.pp, "dp": par.dp, "vpp": par.vpp, "sp": par.sp, "mbs": p.micro_batch_size,
+            "microbatches": p.num_microbatches, "zero": p.zero, "schedule": str(p.schedule), "recompute": p.recompute,
+            "mesh_order": "-".join(p.mesh_order)}
