@@ -3,16 +3,19 @@ per-rank memory broken down, the pipeline simulated over the uneven stages, comm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from planner.costmodel import AnalyticCosts, LayerCost, RuntimeTraits, model_flops_per_step
 from planner.partition import BlockOption, PartitionProblem, PartitionResult
 from planner.plan import MemoryBreakdown, MeshAxis, Prediction, Schedule, StagePrediction
-from planner.schedule import inflight_per_stage, simulate
+from planner.schedule import inflight_per_stage as _inflight_per_stage, simulate
 from planner.specs import ClusterSpec, ModelSpec, Recompute, TrainSpec
 from planner.topology import Topology
 
 GiB = 2**30
+
+# the same (schedule, pp, vpp, micro-batches) recurs across ZeRO stages, SP and mesh orders
+inflight_per_stage = lru_cache(maxsize=8192)(_inflight_per_stage)
 # Memory no tensor of ours owns: CUDA context and kernels (~0.5-1 GiB), NCCL buffers and cuBLAS workspaces.
 # On the CPU the runtime reports resident growth over the process's own baseline, which excludes them.
 CUDA_FIXED_RESERVE_BYTES = 2 * GiB
