@@ -1,0 +1,118 @@
+"""`mpplan profile`: measure the model's layers and this machine's collectives, write profile.json.
+
+Registered by cli/app.py as the ``profile`` command. torch is imported only when the command runs, so
+`mpplan solve` stays torch-free.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from planner.profile import Profile
+from planner.specs import SpecError, load_model
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    print(f"mpplan profile: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def parse_int_list(option: str, text: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4] (sorted, without repeats); SpecError naming the option otherwise."""
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise SpecError(f"{option} {text}: expected comma-separated positive integers, e.g. 1,2,4") from None
+    if not values or values[0] <= 0:
+        raise SpecError(f"{option} {text}: expected comma-separated positive integers, e.g. 1,2,4")
+    return values
+
+
+def busy_warning(console: Console) -> None:
+    """Timings taken beside other jobs are inflated and noisy (facts: with 2 threads the mean doubles beside
+    one busy process); say so, since the user can often wait for a quiet machine."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        console.print(f"warning: this machine is busy (load {load:.1f} on {cores} cores); "
+                      "timings will be inflated and noisy", style="yellow")
+
+
+def summary_tables(profile: Profile) -> list[Table]:
+    layers = Table(title=f"{profile.model.name} on {profile.device.name} ({profile.precision}, 1 thread)",
+                   title_justify="left")
+    for col in ("layer", "tp", "mbs", "fwd ms (cv)", "bwd ms (cv)", "+sel/+full ms", "params", "act KiB n/s/f"):
+        layers.add_column(col, justify="left" if col == "layer" else "right")
+    for lp in profile.layers:
+        extra = "/".join(f"{lp.recompute_extra_s[m] * 1e3:.2f}" for m in ("selective", "full")
+                         if m in lp.recompute_extra_s) or "-"
+        acts = "/".join(str(round(lp.activation_bytes[m] / 1024)) for m in ("none", "selective", "full")
+                        if m in lp.activation_bytes)
+        layers.add_row(lp.kind, str(lp.tp), str(lp.micro_batch_size), f"{lp.fwd_s * 1e3:.3f} ({lp.fwd_cv:.0%})",
+                       f"{lp.bwd_s * 1e3:.3f} ({lp.bwd_cv:.0%})", extra, f"{lp.params:,}", acts)
+    comms = Table(title="collectives: time = alpha + beta * bytes", title_justify="left")
+    for col in ("op", "ranks", "alpha us", "GB/s", "pieces", "fit err", "held-out err"):
+        comms.add_column(col, justify="left" if col == "op" else "right")
+    for c in profile.collectives:
+        rate = f"{1e-9 / c.beta_s_per_byte:.2f}" if c.beta_s_per_byte > 0 else "-"
+        comms.add_row(c.op, str(c.group_size), f"{c.alpha_s * 1e6:.0f}", rate, str(max(1, len(c.pieces))),
+                      f"{c.max_rel_error:.0%}", f"{c.holdout_rel_error:.0%}")
+    return [layers, comms]
+
+
+def profile_command(
+    model: str = typer.Option("tiny-gpt", "--model", help="Preset, HF config.json or model YAML/JSON."),
+    device: str = typer.Option("cpu", "--device", help="cpu (fp32, gloo) or cuda (bf16, nccl)."),
+    mbs: str = typer.Option("1,2,4", "--mbs", help="Micro-batch sizes to profile, comma-separated."),
+    tp: str = typer.Option("1,2", "--tp", help="Tensor-parallel degrees to profile (each as its shard)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Override the model's sequence length."),
+    ranks: int = typer.Option(2, "--ranks", help="Local ranks for the collective benchmarks (1 skips them)."),
+    out: Path = typer.Option(Path("profile.json"), "--out", help="Where to write the profile."),
+    json_out: bool = typer.Option(False, "--json", help="Also print the profile as JSON on stdout."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Measure per-layer time and memory and the collectives on this machine; write profile.json.
+
+    Example: mpplan profile --model tiny-gpt --mbs 1,2,4 --tp 1,2 --ranks 2 --out profile.json
+    then:    mpplan solve --cluster local --gpus 2 --profile profile.json
+    """
+    if out.exists() and not force:
+        _fail(f"{out} exists; pass --force to overwrite it")
+    try:
+        spec = load_model(model, seq_len)
+        micro_batch_sizes, tp_degrees = parse_int_list("--mbs", mbs), parse_int_list("--tp", tp)
+        from runtime.profile import check_request, count_steps, profile_model  # torch only from here on
+
+        check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
+    except SpecError as e:
+        _fail(str(e))
+    console = Console(stderr=True)
+    busy_warning(console)
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=not console.is_terminal, transient=True) as bar:
+        task = bar.add_task(f"profiling {spec.name}", total=count_steps(ranks))
+        try:
+            profile = profile_model(spec, device, micro_batch_sizes, tp_degrees, ranks,
+                                    progress=lambda label: bar.update(task, advance=1, description=label))
+        except SpecError as e:
+            _fail(str(e))
+    text = profile.to_json()
+    try:
+        out.write_text(text)
+    except OSError as e:
+        _fail(f"{out}: cannot write ({e.strerror})")
+    if json_out:
+        print(json.dumps(json.loads(text)))
+    if not json_out or console.is_terminal:
+        for table in summary_tables(profile):
+            console.print(table)
+        console.print(f"wrote {out}")

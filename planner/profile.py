@@ -1,0 +1,242 @@
+"""profile.json: what `mpplan profile` measured on this machine, read by the cost model (`mpplan solve --profile`).
+
+Torch-free on purpose: the planner reads a profile without importing torch; runtime/profile.py writes it.
+
+Per layer kind (embedding, transformer block, final norm + head + loss) at each TP degree and micro-batch size:
+forward and backward seconds (medians, with their coefficient of variation), the extra seconds of each recompute
+mode, parameters, and saved-activation bytes per recompute mode. Per collective and group size: a latency-bandwidth
+fit ``time = alpha + beta * nbytes`` (Hockney 1994, "The communication challenge for MPP", the alpha-beta model)
+with the raw points it was fitted on and its error on sizes held out of the fit. Plus the optimizer-state bytes per
+parameter and the device it was measured on.
+
+Byte conventions of ``CollectiveFit.points``: all_reduce = the buffer; all_gather = the full gathered output;
+reduce_scatter = the full input; send_recv = the message (one direction).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal, Sequence
+
+from pydantic import Field, ValidationError
+
+from planner.specs import ModelSpec, Precision, Recompute, SpecError, Strict, read_mapping, validation_message
+
+SCHEMA_VERSION = 1
+
+LayerKind = Literal["embedding", "block", "head"]
+CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "send_recv"]
+
+
+class LayerProfile(Strict):
+    """One layer kind at one TP shard and micro-batch size. Blocks are identical, so one block stands for all."""
+
+    kind: LayerKind
+    """head = final norm + output projection + loss."""
+    tp: int = Field(gt=0)
+    """Profiled as its TP shard: attention width, heads, kv heads and ffn divided by tp (blocks); the vocabulary
+    divided by tp (embedding and head: vocab-parallel embedding and output projection, as Megatron-LM does)."""
+    micro_batch_size: int = Field(gt=0)
+    fwd_s: float = Field(ge=0)
+    """Median forward seconds after warm-up."""
+    bwd_s: float = Field(ge=0)
+    """Median seconds of the backward alone."""
+    fwd_cv: float = Field(ge=0)
+    """Coefficient of variation (stdev / mean) of the forward over the repeats."""
+    bwd_cv: float = Field(ge=0)
+    recompute_extra_s: dict[Recompute, float] = {}
+    """Extra seconds per forward + backward when the block runs with that mode: median(fwd+bwd with the mode)
+    minus median(fwd+bwd without), floored at 0. Blocks only; {} for the embedding and head."""
+    params: int = Field(ge=0)
+    """Parameters of this layer's TP shard."""
+    activation_bytes: dict[Recompute, int]
+    """Bytes saved for backward per micro-batch for each recompute mode (embedding and head: only "none")."""
+
+
+class AlphaBetaPiece(Strict):
+    """alpha-beta over one range of message sizes (from ``from_bytes`` up to the next piece's)."""
+
+    from_bytes: int = Field(ge=0)
+    alpha_s: float = Field(ge=0)
+    beta_s_per_byte: float = Field(ge=0)
+
+
+class CollectiveFit(Strict):
+    op: CollectiveOp
+    group_size: int = Field(gt=1)
+    alpha_s: float = Field(ge=0)
+    """Latency: seconds of a zero-byte message."""
+    beta_s_per_byte: float = Field(ge=0)
+    """Inverse bandwidth: seconds per byte (nbytes convention in the module docstring)."""
+    points: list[tuple[int, float]]
+    """Raw (nbytes, median seconds) the fit was made from."""
+    max_rel_error: float = Field(ge=0)
+    """Largest |fit - measured| / measured over ``points``."""
+    holdout_rel_error: float = Field(ge=0)
+    """Largest relative error on message sizes measured but kept out of the fit."""
+    holdout_points: list[tuple[int, float]] = []
+    """The held-out (nbytes, median seconds)."""
+    pieces: list[AlphaBetaPiece] = []
+    """Piecewise alpha-beta (at most 3 pieces) where one line does not fit: on CPUs a message that fits in cache
+    moves several times faster per byte than one that does not. time_s uses them when present; alpha_s and
+    beta_s_per_byte stay the single-line fit over all sizes."""
+
+    def time_s(self, nbytes: float) -> float:
+        """Predicted seconds for a message of ``nbytes`` (by the op's nbytes convention)."""
+        alpha, beta = self.alpha_s, self.beta_s_per_byte
+        for piece in self.pieces:
+            if nbytes >= piece.from_bytes:
+                alpha, beta = piece.alpha_s, piece.beta_s_per_byte
+        return alpha + beta * nbytes
+
+
+class DeviceInfo(Strict):
+    device: Literal["cpu", "cuda"]
+    name: str
+    torch_version: str
+    threads: int = Field(gt=0)
+    """Threads per rank during the measurements."""
+    matmul_tflops: float = Field(ge=0)
+    """Measured dense matmul rate at the profile's precision, TFLOP/s."""
+    date: str
+    """ISO 8601, when the profile was taken."""
+
+
+class Profile(Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: ModelSpec
+    precision: Precision
+    """fp32 on CPU, bf16 on CUDA."""
+    device: DeviceInfo
+    layers: list[LayerProfile]
+    collectives: list[CollectiveFit]
+    optimizer_bytes_per_param: int = Field(gt=0)
+    """AdamW state per parameter, measured from a real step (plus the fp32 master copy under bf16)."""
+
+    def layer(self, kind: LayerKind, tp: int, micro_batch_size: int) -> LayerProfile | None:
+        for lp in self.layers:
+            if lp.kind == kind and lp.tp == tp and lp.micro_batch_size == micro_batch_size:
+                return lp
+        return None
+
+    def collective(self, op: CollectiveOp, group_size: int) -> CollectiveFit | None:
+        for fit in self.collectives:
+            if fit.op == op and fit.group_size == group_size:
+                return fit
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate profile.json; any problem is a SpecError with one line naming the file and field."""
+    path = Path(path)
+    data = read_mapping(path)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise SpecError(f"{path}: schema_version {version!r} is not supported (this mpplan reads {SCHEMA_VERSION})")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(validation_message(str(path), e)) from None
+
+
+# What decides a layer's cost; the name does not (a preset and its config.json twin measure the same).
+_SHAPE_FIELDS = ("flavour", "hidden_size", "num_heads", "kv_heads", "ffn", "vocab_size", "seq_len", "num_layers",
+                 "tie_embeddings")
+
+
+def check_profile_matches(profile: Profile, model: ModelSpec, source: str = "profile.json") -> None:
+    """SpecError unless the profile was measured for a model of the same shape as ``model``."""
+    for field in _SHAPE_FIELDS:
+        measured, wanted = getattr(profile.model, field), getattr(model, field)
+        if measured != wanted:
+            raise SpecError(f"{source} was measured for model {profile.model.name} ({field} {measured}), "
+                            f"not {model.name} ({field} {wanted})")
+
+
+# ------------------------------------------------------------------------------------------- alpha-beta fit
+
+def fit_alpha_beta(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares alpha, beta >= 0 of ``t = alpha + beta * n`` minimising the *relative* squared error
+    sum(((alpha + beta n - t) / t)^2), so a 1 KiB message weighs as much as a 64 MiB one (an unweighted fit
+    would let the largest sizes set alpha). Weighted normal equations with weights 1/t^2; if the unconstrained
+    optimum has a negative coefficient, that coefficient is 0 and the other is refitted alone."""
+    if len(points) < 2:
+        raise ValueError("an alpha-beta fit needs at least two points")
+    w = [1.0 / (t * t) for _, t in points]
+    sw = sum(w)
+    swn = sum(wi * n for wi, (n, _) in zip(w, points))
+    swnn = sum(wi * n * n for wi, (n, _) in zip(w, points))
+    swt = sum(wi * t for wi, (_, t) in zip(w, points))
+    swnt = sum(wi * n * t for wi, (n, t) in zip(w, points))
+    det = sw * swnn - swn * swn
+    alpha, beta = ((swt * swnn - swn * swnt) / det, (sw * swnt - swn * swt) / det) if det > 0 else (-1.0, -1.0)
+    if alpha >= 0 and beta >= 0:
+        return alpha, beta
+    only_beta = swnt / swnn if swnn > 0 else 0.0
+    only_alpha = swt / sw
+
+    def rel_sq(a: float, b: float) -> float:
+        return sum(((a + b * n - t) / t) ** 2 for n, t in points)
+
+    return min(((0.0, max(only_beta, 0.0)), (max(only_alpha, 0.0), 0.0)), key=lambda ab: rel_sq(*ab))
+
+
+def max_rel_error(alpha: float, beta: float, points: Sequence[tuple[float, float]]) -> float:
+    return max((abs(alpha + beta * n - t) / t for n, t in points), default=0.0)
+
+
+def fit_pieces(points: Sequence[tuple[float, float]], max_pieces: int = 3,
+               good_enough: float = 0.1) -> list[AlphaBetaPiece]:
+    """Split the size-sorted points into at most ``max_pieces`` runs of >= 2 (>= 3 for the first, whose alpha
+    is the latency) and fit each by fit_alpha_beta. Fewest pieces whose largest relative error is within
+    ``good_enough``, else the split with the smallest error. A boundary sits at the geometric middle of the two
+    measured sizes around it. One piece means no split: returns []."""
+    pts = sorted(points)
+    best: tuple[float, int, list[AlphaBetaPiece]] | None = None
+    for count in range(1, max_pieces + 1):
+        for cuts in _cuts(len(pts), count):
+            pieces, worst = [], 0.0
+            for lo, hi in zip((0, *cuts), (*cuts, len(pts))):
+                alpha, beta = fit_alpha_beta(pts[lo:hi])
+                start = 0 if lo == 0 else round(math.sqrt(pts[lo - 1][0] * pts[lo][0]))
+                pieces.append(AlphaBetaPiece(from_bytes=start, alpha_s=alpha, beta_s_per_byte=beta))
+                worst = max(worst, max_rel_error(alpha, beta, pts[lo:hi]))
+            if best is None or worst < best[0]:
+                best = (worst, count, pieces)
+        if best is not None and best[0] <= good_enough:
+            break
+    assert best is not None
+    return best[2] if best[1] > 1 else []
+
+
+def _cuts(n: int, count: int, first_min: int = 3, min_len: int = 2) -> list[tuple[int, ...]]:
+    """Start indices of pieces 2..count splitting range(n) into ``count`` runs (the first >= first_min long)."""
+    if count == 1:
+        return [()]
+    out = []
+    for first_cut in range(first_min, n - min_len * (count - 1) + 1):
+        for rest in _cuts(n - first_cut, count - 1, min_len, min_len):
+            out.append((first_cut, *(first_cut + c for c in rest)))
+    return out
+
+
+def fit_collective(op: CollectiveOp, group_size: int, points: Sequence[tuple[int, float]],
+                   holdout: Sequence[tuple[int, float]] = ()) -> CollectiveFit:
+    """Fit ``points`` (one alpha-beta line, and pieces where one line is off by more than 10 %); report the
+    error there and on the ``holdout`` sizes kept out of the fit."""
+    for n, t in [*points, *holdout]:
+        if not (t > 0 and math.isfinite(t)):
+            raise ValueError(f"{op} over {group_size} ranks: time {t!r} s at {n} bytes is not a positive number")
+    alpha, beta = fit_alpha_beta(points)
+    fit = CollectiveFit(op=op, group_size=group_size, alpha_s=alpha, beta_s_per_byte=beta,
+                        points=[(int(n), float(t)) for n, t in points], max_rel_error=0.0, holdout_rel_error=0.0,
+                        holdout_points=[(int(n), float(t)) for n, t in holdout], pieces=fit_pieces(points))
+    return fit.model_copy(update={"max_rel_error": _rel_error(fit, points), "holdout_rel_error": _rel_error(fit, holdout)})
+
+
+def _rel_error(fit: CollectiveFit, points: Sequence[tuple[float, float]]) -> float:
+    return max((abs(fit.time_s(n) - t) / t for n, t in points), default=0.0)

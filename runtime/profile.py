@@ -1,0 +1,104 @@
+"""`mpplan profile`: measure a model on this machine and return a planner.profile.Profile.
+
+    profile = profile_model(load_model("tiny-gpt"), micro_batch_sizes=[1, 2, 4], tp_degrees=[1, 2], ranks=2)
+    Path("profile.json").write_text(profile.to_json())
+
+What is measured and how: runtime/profile_layers.py (per-layer time, recompute overhead, parameters and
+saved-activation bytes; one block stands for all blocks, which are identical; all cases timed round-robin) and runtime/profile_comm.py (collective
+micro-benchmarks among spawned local ranks, alpha-beta fits). Everything runs with one thread per process, as the
+runtime's ranks do (facts: with two threads the mean doubles beside a busy process).
+
+A caller that spawns ranks (ranks >= 2) must run under ``if __name__ == "__main__":`` (multiprocessing spawn
+re-imports the main module); the mpplan console script and pytest do.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from planner.profile import DeviceInfo, LayerKind, Profile
+from planner.specs import ModelSpec, Precision, SpecError
+from runtime.profile_comm import CommConfig, group_sizes, measure_collectives
+from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, matmul_tflops, measure_layers,
+                                    optimizer_bytes_per_param)
+
+KINDS: tuple[LayerKind, ...] = ("embedding", "block", "head")
+
+Progress = Callable[[str], None]
+"""Called with a short label each time one step (a layer case, a collective) is done."""
+
+
+def count_steps(ranks: int, timing: TimingConfig = TimingConfig(), comm: CommConfig = CommConfig()) -> int:
+    """How many times profile_model calls its progress callback (for a progress bar's total)."""
+    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds
+
+
+def check_request(spec: ModelSpec, device: str, micro_batch_sizes: Sequence[int], tp_degrees: Sequence[int],
+                  ranks: int) -> None:
+    """SpecError (one line) for anything that cannot be profiled, before any time is spent."""
+    if device not in ("cpu", "cuda"):
+        raise SpecError(f"--device {device}: must be cpu or cuda")
+    if not micro_batch_sizes or any(m <= 0 for m in micro_batch_sizes):
+        raise SpecError(f"--mbs {','.join(map(str, micro_batch_sizes))}: micro-batch sizes must be positive")
+    if not tp_degrees:
+        raise SpecError("--tp: give at least one degree")
+    for t in tp_degrees:
+        check_tp(spec, t)
+    if ranks < 1:
+        raise SpecError(f"--ranks {ranks}: must be at least 1 (1 skips the collective benchmarks)")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError("--device cuda: this torch has no CUDA device (use --device cpu)")
+        if ranks > 1 and torch.cuda.device_count() < ranks:
+            raise SpecError(f"--ranks {ranks}: only {torch.cuda.device_count()} CUDA devices (nccl needs one per rank)")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # platform.processor() is often empty on Linux; /proc/cpuinfo names the model
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Sequence[int] = (1, 2, 4),
+                  tp_degrees: Sequence[int] = (1, 2), ranks: int = 2, timing: TimingConfig = TimingConfig(),
+                  comm: CommConfig = CommConfig(), progress: Progress | None = None) -> Profile:
+    """Measure every layer kind at every (tp, micro-batch size), the collectives among ``ranks`` local ranks,
+    the optimizer state and the device. bf16 on CUDA, fp32 on CPU."""
+    check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
+    step = progress or (lambda label: None)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    cases = [LayerCase(spec, kind, tp, mbs, dev, dtype) for tp in tp_degrees for mbs in micro_batch_sizes
+             for kind in KINDS]
+    with one_thread():
+        layers = measure_layers(cases, timing, sync, on_round=step)
+        info = DeviceInfo(device=device, name=device_name(dev), torch_version=torch.__version__, threads=1,
+                          matmul_tflops=matmul_tflops(dev, dtype, sync),
+                          date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        optimizer_bytes = optimizer_bytes_per_param(mixed_precision=device == "cuda")
+        step("device")
+    collectives = measure_collectives(ranks, device, comm, on_done=step)
+    return Profile(model=spec, precision=Precision.BF16 if device == "cuda" else Precision.FP32, device=info,
+                   layers=layers, collectives=collectives, optimizer_bytes_per_param=optimizer_bytes)

@@ -1,0 +1,214 @@
+"""Collective micro-benchmarks among local ranks (gloo on CPU, nccl on CUDA) and their alpha-beta fits.
+
+``measure_collectives(ranks=2)`` spawns ``ranks`` processes that meet over 127.0.0.1, times all_reduce (SUM),
+all_gather, reduce_scatter (SUM) and a send/recv ping-pong over geometric message sizes, for every group size
+2, 4, ... up to ``ranks`` (and ``ranks`` itself), and fits ``time = alpha + beta * nbytes`` to every other size;
+the sizes in between are held out and report how well the fit predicts sizes it never saw.
+
+Timing: ``rounds`` passes over all ops and sizes; in each, after a barrier and a warm-up call, every call is
+timed on its own (back to back, so the collectives keep the ranks in step); a call's time is the slowest rank's,
+and the point is the median over the calls of all passes. Averaging
+many calls per sample instead was wrong here: 1 call in 5-10 on this VM stalls ~4 ms for a scheduler tick, and a
+mean carries those stalls while a median of single calls reports the common case.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import queue
+import socket
+import statistics
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from planner.profile import CollectiveFit, CollectiveOp, fit_collective
+
+OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    min_bytes: int = 1 << 10
+    max_bytes: int = 64 << 20
+    warmup_calls: int = 1
+    """Untimed calls before each (op, size) in each round."""
+    rounds: int = 3
+    """Passes over all ops and sizes; a point pools its calls from every pass, minutes-apart spells of a shared
+    machine then touch every size alike."""
+    sample_bytes: int = 8 << 20
+    """Each size is timed over calls moving about this many bytes in all: 40 calls up to 256 KiB, 6 from 2 MiB."""
+    timeout_s: float = 300.0
+
+    def sizes(self) -> list[int]:
+        """Powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17 sizes)."""
+        lo, hi = int(math.log2(self.min_bytes)), int(math.log2(self.max_bytes))
+        return [1 << e for e in range(lo, hi + 1)]
+
+    def calls_per_size(self, nbytes: int) -> int:
+        return max(5, min(40, self.sample_bytes // max(nbytes, 1)))
+
+
+def group_sizes(ranks: int) -> list[int]:
+    """2, 4, 8, ... up to ranks, and ranks itself."""
+    sizes = [1 << e for e in range(1, int(math.log2(ranks)) + 1)] if ranks >= 2 else []
+    return sorted({*sizes, ranks} - {1})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig = CommConfig(),
+                        on_done: Callable[[str], None] | None = None) -> list[CollectiveFit]:
+    """Spawn ``ranks`` processes, time every op at every group size, fit each. ``on_done(label)`` is called
+    after each round of each group size. A rank that fails raises RuntimeError with its traceback's last line."""
+    if ranks < 2:
+        return []
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, ranks, port, device, config, results), daemon=True)
+             for rank in range(ranks)]
+    for p in procs:
+        p.start()
+    raw: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    deadline = time.monotonic() + config.timeout_s
+    try:
+        while True:
+            try:
+                msg = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"collective benchmark rank died with exit code {dead[0].exitcode}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"collective benchmark did not finish in {config.timeout_s:.0f} s") from None
+                continue
+            kind = msg[0]
+            if kind == "progress" and on_done is not None:
+                on_done(msg[1])
+            if kind == "error":
+                raise RuntimeError(f"collective benchmark rank {msg[1]} failed: {msg[2]}")
+            if kind == "points":
+                _, op, group, points = msg
+                raw[(op, group)] = points
+            if kind == "done":
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return [_fit(op, group, points) for (op, group), points in raw.items()]
+
+
+def _fit(op: CollectiveOp, group: int, points: list[tuple[int, float]]) -> CollectiveFit:
+    """Fit on every other size (both ends included when the count is odd), hold out the ones between."""
+    fit_points, holdout = points[0::2], points[1::2]
+    if len(fit_points) < 2:
+        fit_points, holdout = points, []
+    return fit_collective(op, group, fit_points, holdout)
+
+
+# ----------------------------------------------------------------------------------------------- in a rank
+
+def _worker(rank: int, world: int, port: int, device: str, config: CommConfig, results) -> None:
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)  # one thread per rank, as the runtime runs (facts: 2 threads double under load)
+        backend = "nccl" if device == "cuda" else "gloo"
+        if device == "cuda":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        bench = _RankBench(torch, dist, rank, world, device, config)
+        for group in group_sizes(world):
+            members = list(range(group))
+            pg = dist.new_group(members)  # every rank must call new_group, members or not
+            ops = [op for op in OPS if op != "send_recv" or group == 2]  # point-to-point is a pair
+            times: dict[tuple[str, int], list[float]] = {}
+            moved: dict[tuple[str, int], int] = {}
+            for round_ in range(config.rounds):
+                if rank in members:
+                    bench.run_round(ops, group, pg, times, moved)
+                dist.barrier()
+                if rank == 0:
+                    results.put(("progress", f"collectives x{group} round {round_ + 1}/{config.rounds}"))
+            if rank in members:
+                for op in ops:
+                    points = [(moved[(op, n)], bench.median_of_slowest(times[(op, n)], pg)) for n in config.sizes()]
+                    if rank == 0:
+                        results.put(("points", op, group, points))
+            dist.barrier()
+        if rank == 0:
+            results.put(("done",))
+        dist.destroy_process_group()
+    except Exception as e:  # the parent turns this into one RuntimeError
+        results.put(("error", rank, f"{type(e).__name__}: {e} [{traceback.format_exc().strip().splitlines()[-2]}]"))
+        raise SystemExit(1)
+
+
+class _RankBench:
+    def __init__(self, torch, dist, rank: int, world: int, device: str, config: CommConfig):
+        self.torch, self.dist, self.rank, self.world, self.config = torch, dist, rank, world, config
+        self.device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        # all_gather_single / reduce_scatter_single are the non-deprecated names in torch 2.13; older torch has
+        # only the *_into_tensor / *_tensor spellings.
+        self.all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self.reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+    def run_round(self, ops: list[CollectiveOp], group: int, pg, times: dict, moved: dict) -> None:
+        """One round: every op at every size, calls(size) / rounds calls each, each call timed on its own."""
+        for op in ops:
+            for nbytes in self.config.sizes():
+                call, moved[(op, nbytes)] = self._call(op, group, pg, nbytes)
+                per_round = max(2, -(-self.config.calls_per_size(nbytes) // self.config.rounds))
+                self.dist.barrier(group=pg)
+                for _ in range(self.config.warmup_calls):
+                    call()
+                bucket = times.setdefault((op, nbytes), [])
+                for _ in range(per_round):
+                    self.sync()
+                    t0 = time.perf_counter()
+                    call()
+                    self.sync()
+                    bucket.append(time.perf_counter() - t0)
+
+    def median_of_slowest(self, times: list[float], pg) -> float:
+        """A call's time is the slowest rank's; the point is the median over the calls."""
+        slowest = self.torch.tensor(times, dtype=self.torch.float64, device=self.device)
+        self.dist.all_reduce(slowest, op=self.dist.ReduceOp.MAX, group=pg)
+        return statistics.median(slowest.tolist())
+
+    def _call(self, op: CollectiveOp, group: int, pg, nbytes: int) -> tuple[Callable[[], None], int]:
+        """The call for one sample and the bytes it moves (by the convention in planner/profile.py)."""
+        torch, dist = self.torch, self.dist
+        elem = torch.finfo(self.dtype).bits // 8
+        numel = max(group, nbytes // elem // group * group)  # divisible by the group for gather/scatter
+        full = torch.ones(numel, dtype=self.dtype, device=self.device)
+        shard = torch.ones(numel // group, dtype=self.dtype, device=self.device)
+        if op == "all_reduce":
+            return (lambda: dist.all_reduce(full, group=pg)), numel * elem
+        if op == "all_gather":
+            return (lambda: self.all_gather(full, shard, group=pg)), numel * elem
+        if op == "reduce_scatter":
+            return (lambda: self.reduce_scatter(shard, full, op=dist.ReduceOp.SUM, group=pg)), numel * elem
+        # send_recv: ranks 0 and 1 send to each other at once (batch_isend_irecv, as pipelining's steady state
+        # exchanges activations and gradients). A lone ping-pong on this 2-vCPU VM hit idle-CPU wake-ups that wait
+        # for the 4 ms scheduler tick (1 KiB: median 3.95 ms, minimum 81 us), which no alpha-beta line describes.
+        peer = 1 - self.rank
+        received = torch.empty_like(full)
+
+        def exchange() -> None:
+            for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, full, peer, group=pg),
+                                                dist.P2POp(dist.irecv, received, peer, group=pg)]):
+                work.wait()
+        return exchange, numel * elem

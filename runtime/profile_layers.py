@@ -1,0 +1,290 @@
+"""Per-layer measurements: forward/backward time, recompute overhead, parameters, saved-activation bytes.
+
+Layers are runtime/model.py's own Embedding, Block and Head (+ lm_loss), built at the shape of one TP shard:
+the block's q/k/v/o and MLP projections are replaced by Linear layers of the sharded widths (column-parallel
+outputs and row-parallel inputs divided by tp, as Megatron-LM shards them, Shoeybi et al. 2019 section 3); the
+attention reads its local head count from those widths. The embedding and the head hold vocab/tp rows
+(vocab-parallel embedding and output projection). Norms and the row-parallel biases stay whole, as on every rank.
+runtime/model.py is not changed.
+
+Timing: one thread (the caller sets it), warm-up rounds, then ``repeats`` rounds; a round takes one sample of
+every (layer case, recompute mode) in turn, and a sample runs ``calls`` forward + backward pairs (enough to last
+``min_sample_s``, so a 0.1 ms layer is not timed one clock read at a time) and records the mean forward and mean
+backward of those calls. Reported: the median over rounds and the coefficient of variation. Round-robin keeps a
+slow spell of the machine from landing on one layer only, and keeps the recompute overhead (a difference of two
+medians) meaningful.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from planner.profile import LayerKind, LayerProfile
+from planner.specs import ModelSpec, Recompute, SpecError
+from runtime.model import Block, Embedding, Head, init_weights, lm_loss
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    warmup: int = 2
+    """Untimed samples first (allocator, caches, lazy init)."""
+    repeats: int = 15
+    """Timed rounds; the median is reported."""
+    min_sample_s: float = 0.01
+    """A sample repeats forward + backward until it lasts about this long."""
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    """One thing to run: a layer at a TP shard and micro-batch size, on a device in a dtype."""
+
+    spec: ModelSpec
+    kind: LayerKind
+    tp: int
+    micro_batch_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+# --------------------------------------------------------------------------------------------- building
+
+def check_tp(spec: ModelSpec, tp: int) -> None:
+    if tp <= 0:
+        raise SpecError(f"--tp {tp}: must be positive")
+    for what, n in (("num_heads", spec.num_heads), ("num_kv_heads", spec.kv_heads), ("ffn_hidden_size", spec.ffn)):
+        if n % tp:
+            raise SpecError(f"--tp {tp} does not divide {spec.name}'s {what} ({n})")
+
+
+class _Holder(nn.Module):
+    """Gives init_weights the .spec it reads, so a shard is initialised like the model (std 0.02, scaled out)."""
+
+    def __init__(self, spec: ModelSpec, layer: nn.Module):
+        super().__init__()
+        self.spec, self.layer = spec, layer
+
+
+def build_layer(case: LayerCase, seed: int = 0) -> nn.Module:
+    spec, t = case.spec, case.tp
+    check_tp(spec, t)
+    h, bias = spec.hidden_size, spec.flavour == "gpt2"
+    vocab_shard = -(-spec.vocab_size // t)  # Megatron pads the vocabulary to a multiple of tp
+    if case.kind == "block":
+        layer: nn.Module = Block(spec)
+        if t > 1:
+            attn, mlp = layer.attn, layer.mlp
+            attn.q_proj = nn.Linear(h, h // t, bias=bias)
+            attn.k_proj = nn.Linear(h, spec.kv_dim // t, bias=bias)
+            attn.v_proj = nn.Linear(h, spec.kv_dim // t, bias=bias)
+            attn.o_proj = nn.Linear(h // t, h, bias=bias)
+            f = spec.ffn // t
+            if mlp.gated:
+                mlp.gate_proj, mlp.up_proj = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
+                mlp.down_proj = nn.Linear(f, h, bias=False)
+            else:
+                mlp.fc1, mlp.fc2 = nn.Linear(h, f), nn.Linear(f, h)
+    elif case.kind == "embedding":
+        layer = Embedding(spec)
+        layer.tok = nn.Embedding(vocab_shard, h)
+    else:
+        layer = Head(spec)
+        layer.proj = nn.Linear(h, vocab_shard, bias=False)
+    init_weights(_Holder(spec, layer), seed)
+    return layer.to(device=case.device, dtype=case.dtype)
+
+
+def layer_inputs(case: LayerCase, layer: nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, backward seed): tokens and an output gradient for the embedding, activations (requiring grad,
+    as a pipeline stage's input does) and an output gradient for a block, activations and targets for the head."""
+    gen = torch.Generator().manual_seed(seed)
+    b, s, h = case.micro_batch_size, case.spec.seq_len, case.spec.hidden_size
+    if case.kind == "embedding":
+        tokens = torch.randint(0, layer.tok.num_embeddings, (b, s), generator=gen)
+        grad = torch.randn(b, s, h, generator=gen)
+        return tokens.to(case.device), grad.to(case.device, case.dtype)
+    x = torch.randn(b, s, h, generator=gen).to(case.device, case.dtype).requires_grad_(True)
+    if case.kind == "block":
+        return x, torch.randn(b, s, h, generator=gen).to(case.device, case.dtype)
+    targets = torch.randint(0, layer.proj.out_features, (b, s), generator=gen)
+    return x, targets.to(case.device)
+
+
+def forward(case: LayerCase, layer: nn.Module, x: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """The layer's output, or the loss for the head (the head's backward starts from the scalar loss)."""
+    out = layer(x)
+    return lm_loss(out, seed) if case.kind == "head" else out
+
+
+def backward(case: LayerCase, out: torch.Tensor, seed: torch.Tensor) -> None:
+    if case.kind == "head":
+        out.backward()
+    else:
+        out.backward(seed)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+@dataclass(frozen=True)
+class Timing:
+    fwd_s: float
+    bwd_s: float
+    fwd_cv: float
+    bwd_cv: float
+    total_s: float
+    """Median of per-sample forward + backward."""
+
+
+def _cv(samples: list[float]) -> float:
+    mean = statistics.fmean(samples)
+    return statistics.stdev(samples) / mean if len(samples) > 1 and mean > 0 else 0.0
+
+
+class _Timed:
+    """One (layer case, recompute mode) ready to run: built once, inputs made once, calls per sample set."""
+
+    def __init__(self, case: LayerCase, mode: Recompute, sync: Callable[[], None], min_sample_s: float):
+        self.case, self.mode, self.sync = case, mode, sync
+        self.layer = build_layer(case)
+        if case.kind == "block":
+            self.layer.set_recompute(mode)
+        self.x, self.seed = layer_inputs(case, self.layer)
+        self.one_call()
+        fwd, bwd = self.one_call()
+        self.calls = max(1, math.ceil(min_sample_s / max(fwd + bwd, 1e-7)))
+        self.samples: list[tuple[float, float]] = []
+
+    def one_call(self) -> tuple[float, float]:
+        self.sync()
+        t0 = time.perf_counter()
+        out = forward(self.case, self.layer, self.x, self.seed)
+        self.sync()
+        t1 = time.perf_counter()
+        backward(self.case, out, self.seed)
+        self.sync()
+        t2 = time.perf_counter()
+        if self.x.is_floating_point():
+            self.x.grad = None  # a stage sends its input's gradient away; it does not accumulate
+        return t1 - t0, t2 - t1
+
+    def sample(self, keep: bool) -> None:
+        fwd_sum = bwd_sum = 0.0
+        for _ in range(self.calls):
+            fwd, bwd = self.one_call()
+            fwd_sum, bwd_sum = fwd_sum + fwd, bwd_sum + bwd
+        if keep:
+            self.samples.append((fwd_sum / self.calls, bwd_sum / self.calls))
+
+    def timing(self) -> Timing:
+        fwds, bwds = [p[0] for p in self.samples], [p[1] for p in self.samples]
+        return Timing(fwd_s=statistics.median(fwds), bwd_s=statistics.median(bwds), fwd_cv=_cv(fwds),
+                      bwd_cv=_cv(bwds), total_s=statistics.median(f + b for f, b in self.samples))
+
+
+def modes_of(kind: LayerKind) -> list[Recompute]:
+    return list(Recompute) if kind == "block" else [Recompute.NONE]
+
+
+def time_cases(cases: list[LayerCase], config: TimingConfig, sync: Callable[[], None],
+               on_round: Callable[[str], None] | None = None) -> list[dict[Recompute, Timing]]:
+    """Time forward and backward of every case under each of its recompute modes, round-robin: each round
+    takes one sample of every (case, mode), so a slow spell of a shared machine lands on all of them alike
+    instead of on whichever layer happened to be timed then (measured here beside other jobs: timing one
+    layer after another let two runs differ by up to 2.5x; see benchmarks/profile_stability.py)."""
+    timed = [[_Timed(case, mode, sync, config.min_sample_s) for mode in modes_of(case.kind)] for case in cases]
+    rounds = config.warmup + config.repeats
+    for round_ in range(rounds):
+        for per_case in timed:
+            for t in per_case:
+                t.sample(keep=round_ >= config.warmup)
+        if on_round is not None:
+            on_round(f"layers round {round_ + 1}/{rounds}")
+    return [{t.mode: t.timing() for t in per_case} for per_case in timed]
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+def saved_activation_bytes(case: LayerCase, mode: Recompute = Recompute.NONE) -> int:
+    """Bytes autograd keeps from one forward for the backward, seen through saved_tensors_hooks.
+
+    Every tensor that autograd saves passes the pack hook. Counted once per underlying storage (by its address,
+    with the storage's full size): several saved tensors are often views of one buffer (q, k, v as transposed
+    views of their projections; SDPA's output and the out-projection's input are one buffer), and a view keeps its
+    whole storage alive. Storages of parameters and buffers are skipped: the weights (and their transposed views,
+    which Linear saves) are parameter memory, counted in ``params``, not activations. The layer's input counts (the
+    first norm saves it; under full recompute it is all that is kept): it is this layer's to keep alive.
+
+    Recompute uses non-reentrant torch.utils.checkpoint: tensors saved inside the checkpointed region go to the
+    checkpoint's own inner hooks (placeholders, no memory), while the region's inputs are saved by its
+    _NoopSaveInputs node outside it, so this hook sees exactly what stays alive until backward.
+    """
+    layer = build_layer(case)
+    if case.kind == "block":
+        layer.set_recompute(mode)
+    x, seed = layer_inputs(case, layer)
+    weights = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    kept: dict[int, torch.Tensor] = {}  # storage address -> one tensor on it (held, so no address is reused)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and storage.nbytes() > 0:
+            kept.setdefault(storage.data_ptr(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(case, layer, x, seed)
+    return sum(t.untyped_storage().nbytes() for t in kept.values())
+
+
+def count_params(case: LayerCase) -> int:
+    return sum(p.numel() for p in build_layer(case).parameters())
+
+
+def measure_layers(cases: list[LayerCase], config: TimingConfig, sync: Callable[[], None],
+                   on_round: Callable[[str], None] | None = None) -> list[LayerProfile]:
+    profiles = []
+    for case, timings in zip(cases, time_cases(cases, config, sync, on_round)):
+        base = timings[Recompute.NONE]
+        extra = {m: max(0.0, t.total_s - base.total_s) for m, t in timings.items() if m != Recompute.NONE}
+        profiles.append(LayerProfile(
+            kind=case.kind, tp=case.tp, micro_batch_size=case.micro_batch_size, fwd_s=base.fwd_s, bwd_s=base.bwd_s,
+            fwd_cv=base.fwd_cv, bwd_cv=base.bwd_cv, recompute_extra_s=extra, params=count_params(case),
+            activation_bytes={m: saved_activation_bytes(case, m) for m in timings}))
+    return profiles
+
+
+# ----------------------------------------------------------------------------------- device and optimizer
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, sync: Callable[[], None]) -> float:
+    """Dense matmul rate: 2 n^3 FLOPs per n x n product, median of 10 after warm-up."""
+    n = 4096 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(13):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def optimizer_bytes_per_param(mixed_precision: bool) -> int:
+    """Bytes of torch.optim.AdamW state per parameter after a real step on fp32 parameters (exp_avg and
+    exp_avg_sq; the per-tensor scalar ``step`` is not per parameter and is left out). Mixed precision adds the
+    fp32 master copy of each half-precision weight (Micikevicius et al. 2018, arXiv 1710.03740 section 3.1;
+    K = 12 in ZeRO, Rajbhandari et al. 2020 section 3.1)."""
+    layer = nn.Linear(64, 64)
+    opt = torch.optim.AdamW(layer.parameters())
+    layer(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    per_param = [sum(v.nbytes for v in opt.state[p].values() if torch.is_tensor(v) and v.numel() == p.numel())
+                 / p.numel() for p in layer.parameters()]
+    master = 4 if mixed_precision else 0
+    return round(max(per_param)) + master

@@ -1,0 +1,118 @@
+"""The profiler's measurements: layer shards, saved-activation bytes, optimizer state, collectives over gloo."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from planner.presets import MODELS
+from planner.specs import Recompute, SpecError
+from runtime.profile import check_request, count_steps, profile_model
+from runtime.profile_comm import CommConfig, measure_collectives
+from runtime.profile_layers import (LayerCase, TimingConfig, count_params, measure_layers, optimizer_bytes_per_param,
+                                    saved_activation_bytes)
+
+pytestmark = pytest.mark.distributed
+
+GPT, LLAMA = MODELS["tiny-gpt"], MODELS["tiny-llama"]
+QUICK = TimingConfig(warmup=1, repeats=3, min_sample_s=0.001)
+CPU = torch.device("cpu")
+
+
+def case(kind, tp=1, mbs=2, spec=GPT) -> LayerCase:
+    return LayerCase(spec, kind, tp, mbs, CPU, torch.float32)
+
+
+@pytest.mark.parametrize("spec", [GPT, LLAMA], ids=["gpt", "llama"])
+def test_params_of_the_whole_layers_match_the_spec(spec):
+    assert count_params(case("block", spec=spec)) == spec.block_params
+    assert count_params(case("embedding", spec=spec)) == spec.embedding_params
+    assert count_params(case("head", spec=spec)) == spec.head_params
+
+
+def test_params_of_a_tp_shard():
+    h, f, v, s, t = GPT.hidden_size, GPT.ffn, GPT.vocab_size, GPT.seq_len, 2
+    # column-parallel q/k/v and fc1 (weights and biases split), row-parallel o/fc2 (weights split, biases whole),
+    # norms whole
+    shard = (h * 3 * h // t + 3 * h // t) + (h // t * h + h) + (h * f // t + f // t) + (f // t * h + h) + 4 * h
+    assert count_params(case("block", tp=t)) == shard
+    assert count_params(case("embedding", tp=t)) == v // t * h + s * h
+    assert count_params(case("head", tp=t)) == 2 * h + h * v // t
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_saved_bytes_of_a_gpt_block_match_its_ops_exactly(tp):
+    """fp32, no dropout, CPU SDPA (flash kernel: saves q, k, v, its output and a logsumexp, not the s x s
+    softmax). Per block, in elements: input x, LN1 out, q k v (3/t), attention out (1/t; the out-projection's
+    input is a view of it), residual, LN2 out, fc1 out (4/t), GELU out (4/t) = (4 + 12/t) sbh; plus the
+    logsumexp (a/t) s b and two LayerNorms' mean and rstd, 4 b s."""
+    b, s, h, a = 2, GPT.seq_len, GPT.hidden_size, GPT.num_heads
+    sbh = s * b * h
+    none = saved_activation_bytes(case("block", tp=tp), Recompute.NONE)
+    assert none == 4 * ((4 + 12 // tp) * sbh + a // tp * s * b + 4 * b * s)
+    # selective: the attention core runs again in backward; its inputs q, k, v stay, only the logsumexp goes
+    assert saved_activation_bytes(case("block", tp=tp), Recompute.SELECTIVE) == none - 4 * a // tp * s * b
+    # full: only the block's input
+    assert saved_activation_bytes(case("block", tp=tp), Recompute.FULL) == 4 * sbh
+
+
+def test_saved_bytes_skip_parameters_and_scale_with_the_micro_batch():
+    one, four = (saved_activation_bytes(case("block", spec=LLAMA, mbs=m)) for m in (1, 4))
+    assert four == 4 * one  # nothing fixed-size (weights, rope tables) is counted
+    head = saved_activation_bytes(case("head", mbs=1))
+    b, s, h, v = 1, GPT.seq_len, GPT.hidden_size, GPT.vocab_size
+    # norm input, norm output (the projection's input), mean + rstd, log-softmax output, int64 targets, and
+    # nll_loss's fp32 total_weight scalar
+    assert head == 4 * (2 * s * b * h + 2 * s * b + s * b * v) + 8 * s * b + 4
+    # token ids and position ids (int64); the embedding tables are parameters
+    assert saved_activation_bytes(case("embedding", mbs=1)) == 8 * s * b + 8 * s
+
+
+def test_measure_layer_reports_times_spreads_and_all_modes():
+    block = measure_layers([case("block")], QUICK, lambda: None)[0]
+    assert block.fwd_s > 0 and block.bwd_s > 0 and block.fwd_cv >= 0 and block.bwd_cv >= 0
+    assert set(block.recompute_extra_s) == {Recompute.SELECTIVE, Recompute.FULL}
+    assert set(block.activation_bytes) == set(Recompute)
+    assert block.activation_bytes[Recompute.NONE] > block.activation_bytes[Recompute.FULL]
+    head = measure_layers([case("head")], QUICK, lambda: None)[0]
+    assert head.recompute_extra_s == {} and set(head.activation_bytes) == {Recompute.NONE}
+
+
+def test_optimizer_state_bytes_from_a_real_adamw_step():
+    assert optimizer_bytes_per_param(mixed_precision=False) == 8  # exp_avg + exp_avg_sq in fp32
+    assert optimizer_bytes_per_param(mixed_precision=True) == 12  # + the fp32 master weight
+
+
+def test_bad_requests_are_spec_errors():
+    with pytest.raises(SpecError, match="--tp 3 does not divide tiny-gpt's num_heads"):
+        check_request(GPT, "cpu", [1], [3], 2)
+    with pytest.raises(SpecError, match="--tp 4 does not divide tiny-llama's num_kv_heads"):
+        check_request(LLAMA, "cpu", [1], [4], 2)
+    with pytest.raises(SpecError, match="micro-batch"):
+        check_request(GPT, "cpu", [0], [1], 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(SpecError, match="no CUDA device"):
+            check_request(GPT, "cuda", [1], [1], 2)
+
+
+def test_collectives_over_two_gloo_ranks():
+    labels = []
+    fits = measure_collectives(2, "cpu", CommConfig(max_bytes=64 << 10), on_done=labels.append)
+    assert sorted((f.op, f.group_size) for f in fits) == [("all_gather", 2), ("all_reduce", 2),
+                                                         ("reduce_scatter", 2), ("send_recv", 2)]
+    assert len(labels) == CommConfig().rounds
+    for fit in fits:
+        sizes = sorted(n for n, _ in fit.points + fit.holdout_points)
+        assert sizes == [1 << e for e in range(10, 17)]
+        assert len(fit.points) == 4 and len(fit.holdout_points) == 3
+        assert all(t > 0 for _, t in fit.points) and fit.alpha_s + fit.beta_s_per_byte > 0
+
+
+def test_profile_model_without_collectives_covers_every_case():
+    steps = []
+    prof = profile_model(GPT, micro_batch_sizes=[1, 2], tp_degrees=[1, 2], ranks=1, timing=QUICK,
+                         progress=steps.append)
+    assert len(steps) == count_steps(1, QUICK) and prof.collectives == []
+    assert {(lp.kind, lp.tp, lp.micro_batch_size) for lp in prof.layers} == {
+        (k, t, m) for k in ("embedding", "block", "head") for t in (1, 2) for m in (1, 2)}
+    assert prof.device.threads == 1 and prof.device.matmul_tflops > 0 and prof.precision == "fp32"
+    assert torch.get_num_threads() >= 1  # restored after profiling

@@ -1,0 +1,155 @@
+"""profile.json: validation on load, model matching, lookups, and the alpha-beta fits (torch-free)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.presets import MODELS
+from planner.profile import (CollectiveFit, DeviceInfo, LayerProfile, Profile, check_profile_matches,
+                             fit_alpha_beta, fit_collective, fit_pieces, load_profile)
+from planner.specs import SpecError
+
+TINY = MODELS["tiny-gpt"]
+
+
+def make_profile(**changes) -> Profile:
+    block = LayerProfile(kind="block", tp=1, micro_batch_size=2, fwd_s=1e-3, bwd_s=2e-3, fwd_cv=0.02, bwd_cv=0.03,
+                         recompute_extra_s={"selective": 1e-4, "full": 9e-4}, params=TINY.block_params,
+                         activation_bytes={"none": 500_000, "selective": 490_000, "full": 32_768})
+    head = LayerProfile(kind="head", tp=1, micro_batch_size=2, fwd_s=1e-4, bwd_s=2e-4, fwd_cv=0.1, bwd_cv=0.1,
+                        params=TINY.head_params, activation_bytes={"none": 190_000})
+    sizes = [1 << e for e in range(10, 27)]
+    points = [(n, 2e-4 + n * 1e-9) for n in sizes]
+    fit = fit_collective("all_reduce", 2, points[0::2], points[1::2])
+    data = dict(model=TINY, precision="fp32",
+                device=DeviceInfo(device="cpu", name="test cpu", torch_version="2.13.0", threads=1,
+                                  matmul_tflops=0.05, date="2025-01-01T00:00:00+00:00"),
+                layers=[block, head], collectives=[fit], optimizer_bytes_per_param=8)
+    data.update(changes)
+    return Profile(**data)
+
+
+def write(tmp_path: Path, data: dict, name: str = "profile.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_round_trip_through_json(tmp_path):
+    prof = make_profile()
+    path = tmp_path / "profile.json"
+    path.write_text(prof.to_json())
+    assert load_profile(path) == prof
+
+
+def test_lookups_find_the_measured_entry_or_none():
+    prof = make_profile()
+    assert prof.layer("block", 1, 2).activation_bytes["full"] == 32_768
+    assert prof.layer("block", 2, 2) is None and prof.layer("embedding", 1, 2) is None
+    assert prof.collective("all_reduce", 2).op == "all_reduce"
+    assert prof.collective("all_reduce", 4) is None and prof.collective("send_recv", 2) is None
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+    (lambda d: d.pop("schema_version"), "schema_version None is not supported"),
+    (lambda d: d.update(surprise=1), "surprise: unknown key"),
+    (lambda d: d["layers"][0].update(kind="mlp"), "layers.0.kind"),
+    (lambda d: d["layers"][0]["activation_bytes"].update(partial=1), "layers.0.activation_bytes"),
+    (lambda d: d["collectives"][0].update(group_size=1), "collectives.0.group_size"),
+    (lambda d: d.pop("optimizer_bytes_per_param"), "optimizer_bytes_per_param: Field required"),
+])
+def test_bad_files_fail_with_one_line_naming_file_and_field(tmp_path, mutate, expected):
+    data = make_profile().model_dump(mode="json")
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(SpecError) as err:
+        load_profile(path)
+    message = str(err.value)
+    assert str(path) in message and expected in message and "\n" not in message
+
+
+def test_unreadable_and_non_json_files(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        load_profile(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SpecError, match="not valid JSON"):
+        load_profile(bad)
+
+
+def test_profile_of_another_shape_is_rejected_by_shape_not_name():
+    prof = make_profile()
+    check_profile_matches(prof, TINY)
+    check_profile_matches(prof, TINY.model_copy(update={"name": "renamed-tiny"}))  # same shape, other name
+    wider = TINY.model_copy(update={"name": "wide", "hidden_size": 128})
+    with pytest.raises(SpecError, match=r"profile.json was measured for model tiny-gpt \(hidden_size 64\), not wide \(hidden_size 128\)"):
+        check_profile_matches(prof, wider)
+    with pytest.raises(SpecError, match="seq_len"):
+        check_profile_matches(prof, TINY.model_copy(update={"seq_len": 128}))
+    with pytest.raises(SpecError, match="flavour"):
+        check_profile_matches(prof, MODELS["tiny-llama"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(alpha=st.floats(1e-6, 1e-2), beta=st.floats(1e-12, 1e-8))
+def test_fit_recovers_exact_alpha_beta(alpha, beta):
+    points = [(float(1 << e), alpha + beta * (1 << e)) for e in range(10, 27, 2)]
+    a, b = fit_alpha_beta(points)
+    assert a == pytest.approx(alpha, rel=1e-6, abs=1e-12) and b == pytest.approx(beta, rel=1e-6)
+
+
+def test_fit_weighs_small_messages_relatively():
+    # a large message 3x slower than the line: an unweighted least-squares fit (alpha -4.5e-5, beta 3.1e-9) is
+    # off by 95-141 % on the three smallest sizes; the relative fit keeps them within 6 %
+    points = [(float(n), 1e-4 + n * 1e-9) for n in (1e3, 4e3, 16e3, 64e3, 256e3)] + [(64e6, 0.2)]
+    a, b = fit_alpha_beta(points)
+    assert all(abs(a + b * n - t) / t < 0.06 for n, t in points[:3])
+
+
+def test_fit_never_returns_negative_coefficients():
+    falling = [(1e3, 5e-4), (1e6, 4e-4), (1e7, 3e-4)]  # noise can make time fall with size
+    a, b = fit_alpha_beta(falling)
+    assert a > 0 and b == 0.0
+    a, b = fit_alpha_beta([(1e3, 1e-6), (1e6, 1e-3)])  # pure bandwidth
+    assert a >= 0 and b > 0
+
+
+def test_pieces_capture_a_cache_knee_that_one_line_misses():
+    # below 2 MiB 4 GB/s, above 1 GB/s: one line is off by far more than 10 %, two pieces are exact
+    sizes = [1 << e for e in range(10, 27)]
+    points = [(n, 2e-4 + n * (0.25e-9 if n <= 2 << 20 else 1e-9)) for n in sizes]
+    single = CollectiveFit(op="all_reduce", group_size=2, alpha_s=0, beta_s_per_byte=0, points=[], max_rel_error=0,
+                           holdout_rel_error=0)
+    a, b = fit_alpha_beta(points)
+    assert max(abs(a + b * n - t) / t for n, t in points) > 0.1
+    pieces = fit_pieces(points)
+    assert 2 <= len(pieces) <= 3 and pieces[0].from_bytes == 0
+    fit = single.model_copy(update={"pieces": pieces})
+    assert max(abs(fit.time_s(n) - t) / t for n, t in points) < 0.05
+    assert fit_pieces([(n, 2e-4 + n * 1e-9) for n in sizes]) == []  # one line suffices: no pieces
+
+
+def test_fit_collective_reports_holdout_error_on_sizes_it_did_not_see():
+    sizes = [1 << e for e in range(10, 27)]
+    points = [(n, 3e-4 + n * 5e-10) for n in sizes]
+    skewed = [(n, t * 1.3) for n, t in points[1::2]]  # held-out sizes measured 30 % slower
+    fit = fit_collective("all_gather", 4, points[0::2], skewed)
+    assert fit.max_rel_error < 1e-6
+    assert fit.holdout_rel_error == pytest.approx(0.3 / 1.3, rel=1e-3)
+    assert fit.time_s(0) == pytest.approx(3e-4) and fit.time_s(1 << 20) == pytest.approx(3e-4 + (1 << 20) * 5e-10)
+    with pytest.raises(ValueError, match="not a positive number"):
+        fit_collective("all_gather", 4, [(1024, 0.0), (2048, 1e-4)])
+
+
+def test_planner_profile_does_not_import_torch():
+    code = "import sys, planner.profile; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
