@@ -1,9 +1,15 @@
 """mpplan: plan how to split a transformer's training over GPUs, then prove the plan by running it.
 
-    mpplan profile --model tiny-gpt --out profile.json          # measure layers and collectives here
-    mpplan solve --gpus 64                                       # plan gpt3-13b on 8 DGX-A100 nodes
-    mpplan solve --cluster local --gpus 2 --profile profile.json --out plan.json
-    mpplan run plan.json --steps 20                              # train with the plan, report measured vs predicted
+\b
+  mpplan demo                                   profile -> solve -> run tiny-gpt on 2 local CPU ranks
+  mpplan solve --gpus 64                        plan gpt3-13b on 8 DGX-A100 nodes (defaults said aloud)
+  mpplan solve --gpus 1024 --model gpt3-175b --global-batch 1536 --out plan.json
+  mpplan profile --model tiny-gpt --out profile.json
+  mpplan solve --cluster local --gpus 2 --profile profile.json --out plan.json
+  mpplan run plan.json --steps 20               train with the plan, report measured vs predicted
+  mpplan run plan.json --print-launch           the torchrun / srun lines for a cluster
+
+Exit codes: 0 ok, 1 a run failed, 2 bad input, 3 no plan fits.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import typer
 from rich.console import Console
 
 from planner.plan import Schedule
+from planner.solve import DEFAULT_BATCH, DEFAULT_CLUSTER, DEFAULT_MODEL, LOCAL_BATCH, LOCAL_MODEL
 from planner.specs import Recompute, SpecError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -24,8 +31,6 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pret
 EXIT_BAD_INPUT = 2
 EXIT_NO_PLAN = 3
 
-DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_BATCH = "gpt3-13b", "dgx-a100", 512
-LOCAL_MODEL, LOCAL_BATCH = "tiny-gpt", 16
 
 
 def stderr_console() -> Console:
@@ -69,6 +74,7 @@ def solve(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the best plan here (plan.json)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print only JSON to stdout: {plans, rejected, solve_time_s}."),
+    exhaustive: bool = typer.Option(False, "--exhaustive", help="Partition every candidate the bounds do not exclude (no screening)."),
 ) -> None:
     """Choose TP/PP/DP, micro-batching, recompute, schedule and stage boundaries.
 
@@ -84,7 +90,7 @@ def solve(
         req = SolveRequest.build(gpus=gpus, model=model, cluster=cluster, global_batch=global_batch, seq_len=seq_len,
                                  profile=profile, memory_limit=memory_limit)
         pins = Pins(tp=tp, pp=pp, dp=dp, vpp=vpp, mbs=mbs, recompute=recompute, sp=sp, zero=zero, schedule=schedule)
-        result = run_solve(req, pins, top_k=top)
+        result = run_solve(req, pins, top_k=top, exhaustive=exhaustive)
     except SpecError as e:
         fail(str(e))
     show_tables = not json_out or console.is_terminal
@@ -103,21 +109,16 @@ def solve(
             console.print(f"wrote {out}")
 
 
-def _register_optional_commands() -> None:
-    """Commands whose modules import torch lazily (the planner must stay torch-free at import)."""
-    try:
-        from cli.profile_cmd import profile_command
-        app.command("profile")(profile_command)
-    except ImportError:
-        pass
-    try:
-        from cli.run_cmd import run_command
-        app.command("run")(run_command)
-    except ImportError:
-        pass
+# These modules import torch only inside their commands, so `mpplan solve` stays torch-free.
+from cli.demo_cmd import demo_command  # noqa: E402
+from cli.profile_cmd import profile_command  # noqa: E402
+from cli.run_cmd import run_command  # noqa: E402
+from cli.validate_cmd import validate_command  # noqa: E402
 
-
-_register_optional_commands()
+app.command("profile")(profile_command)
+app.command("run")(run_command)
+app.command("validate")(validate_command)
+app.command("demo")(demo_command)
 
 
 def main() -> None:

@@ -8,14 +8,27 @@ from functools import cached_property, lru_cache
 from planner.costmodel import AnalyticCosts, LayerCost, RuntimeTraits, model_flops_per_step
 from planner.partition import BlockOption, PartitionProblem, PartitionResult
 from planner.plan import MemoryBreakdown, MeshAxis, Prediction, Schedule, StagePrediction
-from planner.schedule import inflight_per_stage as _inflight_per_stage, simulate
+from planner.schedule import inflight_per_stage as _inflight_per_stage, interleaved_round_size, simulate
 from planner.specs import ClusterSpec, ModelSpec, Recompute, TrainSpec
 from planner.topology import Topology
 
 GiB = 2**30
 
-# the same (schedule, pp, vpp, micro-batches) recurs across ZeRO stages, SP and mesh orders
-inflight_per_stage = lru_cache(maxsize=8192)(_inflight_per_stage)
+_inflight_cached = lru_cache(maxsize=8192)(_inflight_per_stage)
+
+
+def inflight_per_stage(schedule: Schedule, pp: int, vpp: int, m: int) -> tuple[int, ...]:
+    """Micro-batches in flight per virtual stage at its rank's peak, cached. The peak is reached within the
+    first rounds, so long schedules are priced on a shorter one with the same shape: 1F1B saturates at m = pp
+    (stage i holds min(pp - i, m)); torch's interleaved 1F1B repeats rounds of interleaved_round_size micro-batches,
+    and two rounds give the same peaks (checked for every valid pp <= 12, vpp <= 6, m <= 12 pp in
+    tests/unit/test_estimate.py)."""
+    if schedule == Schedule.ONE_F_ONE_B:
+        m = min(m, pp)
+    elif schedule == Schedule.INTERLEAVED and m >= pp:
+        r = interleaved_round_size(pp, m)
+        m = r * min(m // r, 2)
+    return _inflight_cached(schedule, pp, vpp, m)
 # Memory no tensor of ours owns: CUDA context and kernels (~0.5-1 GiB), NCCL buffers and cuBLAS workspaces.
 # On the CPU the runtime reports resident growth over the process's own baseline, which excludes them.
 CUDA_FIXED_RESERVE_BYTES = 2 * GiB
@@ -68,6 +81,7 @@ class Estimator:
         self.costs = costs or AnalyticCosts(model, cluster.gpu, train, traits)
         self.topology = topology or Topology(cluster)
         self.device = device
+        self._comm_cache: dict[tuple, Comm] = {}
 
     def unavailable(self, tp: int, sp: bool, mbs: int) -> str | None:
         """Why the costs cannot price this (tp, sp, micro-batch) choice, or None."""
@@ -104,6 +118,13 @@ class Estimator:
 
     # ------------------------------------------------------------------ communication
     def comm(self, c: Config) -> Comm:
+        """Communication of a configuration; the schedule and virtual stages do not change it (cached)."""
+        key = (c.tp, c.pp, c.dp, c.sp, c.micro_batch_size, c.zero, c.num_microbatches > 1, c.mesh_order)
+        if key not in self._comm_cache:
+            self._comm_cache[key] = self._comm(c)
+        return self._comm_cache[key]
+
+    def _comm(self, c: Config) -> Comm:
         sizes = {MeshAxis.TP: c.tp, MeshAxis.PP: c.pp, MeshAxis.DP: c.dp}
         order = c.mesh_order
 

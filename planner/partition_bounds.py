@@ -81,7 +81,7 @@ def _split_time_s(options: tuple[BlockOption, ...], blocks: int, act_budget: flo
     return best
 
 
-def _rank_time_floor_s(problem: PartitionProblem, stages: list[int], blocks: int) -> float:
+def rank_time_floor_s(problem: PartitionProblem, stages: list[int], blocks: int) -> float:
     """Least time of a rank (these stages) holding `blocks` blocks within the memory cap, over every placement and
     recompute choice. Extra blocks cost least memory on the stage with the fewest micro-batches in flight, so the
     others hold exactly min_blocks_per_stage each ("forced" blocks); the modes of the forced blocks are enumerated
@@ -115,7 +115,7 @@ def min_bottleneck_s(problem: PartitionProblem, upper_s: float) -> float:
     for r in range(problem.num_ranks):
         stages = [j for j in range(problem.num_stages) if problem.stage_rank[j] == r]
         times, b = [], len(stages) * problem.min_blocks_per_stage
-        while b <= problem.num_blocks and (t := _rank_time_floor_s(problem, stages, b)) <= upper_s * (1 + 1e-9):
+        while b <= problem.num_blocks and (t := rank_time_floor_s(problem, stages, b)) <= upper_s * (1 + 1e-9):
             times.append(t)
             b += 1
         # g is monotone in exact arithmetic; the running max irons out round-off so bisect can count

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 from planner.estimate import Config, Estimator
 from planner.partition import PartitionProblem, PartitionResult, min_rank_memory_bytes, solve_partition
-from planner.partition_bounds import min_bottleneck_s
+from planner.partition_bounds import min_bottleneck_s, rank_time_floor_s
 from planner.plan import MeshAxis, Parallel, Plan, Schedule, SolverInfo, StagePlan
 from planner.schedule import validate_schedule
 from planner.specs import Recompute
@@ -41,7 +41,7 @@ class Pins:
 @dataclass(frozen=True)
 class Rejected:
     config: dict
-    kind: str  # "indivisible" | "unsupported" | "oom" | "slower"
+    kind: str  # "indivisible" | "unsupported" | "oom" | "dominated" | "screened" | "slower"
     reason: str
     shortfall_bytes: float = 0.0
 
@@ -159,11 +159,87 @@ def _schedule_reason(schedule: Schedule, pp: int, vpp: int, m: int, layers: int)
     return validate_schedule(schedule, pp, vpp, m)
 
 
-def time_lower_bound_s(c: Config, problem: PartitionProblem) -> float:
-    """No pipeline rank can finish before it has run its share of every micro-batch with the fastest mode."""
+def time_lower_bound_s(est: Estimator, c: Config, problem: PartitionProblem, bottleneck_s: float = 0.0) -> float:
+    """A step can be no faster than the pipeline over perfectly even stages run in the fastest mode: (m + (p-1)/v)
+    micro-batch steps of the mean rank's work (the uniform-stage bubble, Narayanan et al. 2021 section 2.2; uneven
+    stages only lengthen it), nor than m steps of the least achievable bottleneck rank (bottleneck_s, from
+    partition_bounds.min_bottleneck_s under the memory cap), plus the optimizer step of an even share."""
     fastest = min(o.time_s for o in problem.options)
     work = problem.num_blocks * fastest + problem.first_time_s + problem.last_time_s
-    return c.num_microbatches * work / c.pp
+    pipeline = max((c.num_microbatches + (c.pp - 1) / c.vpp) * work / c.pp, c.num_microbatches * bottleneck_s)
+    total_params = est.model.total_params / (c.tp * c.pp)
+    return pipeline + est.optimizer_step_s(total_params, c)
+
+
+SHORTLIST_FACTOR, SHORTLIST_MIN = 4, 16  # partition + simulate at most max(4 k, 16) candidates
+REFINE = 200  # candidates whose quick estimate is sharpened before the shortlist is cut
+
+
+def _screen(est: Estimator, scored: list, rejected: list[Rejected], keep: int) -> list:
+    """Keep the `keep` candidates with the best even-split estimate: each rank holds an even share of the
+    blocks in the fastest recompute mix that fits its memory (partition_bounds.rank_time_floor_s), priced as
+    (m + (p - 1)/v) steps of the slowest rank plus the optimizer step. Only the REFINE best quick estimates are
+    sharpened; the rest are out with their quick estimate as the reason. Screening is a heuristic, not a
+    proof: `mpplan solve --exhaustive` partitions every candidate the bounds do not exclude."""
+    refined = []
+    for i, (quick, bound, c, comm, problem) in enumerate(scored):
+        if i >= REFINE:
+            rejected.append(Rejected(config=c.summary(), kind="screened",
+                                     reason=f"estimated {quick:.3g} s/step, not among the {REFINE} best estimates"))
+            continue
+        base, extra = divmod(problem.num_blocks, c.pp)
+        slowest = max(rank_time_floor_s(problem, [j for j in range(problem.num_stages) if problem.stage_rank[j] == r],
+                                        base + (r < extra)) for r in range(c.pp))
+        total_params = est.model.total_params / (c.tp * c.pp)
+        guess = (c.num_microbatches + (c.pp - 1) / c.vpp) * slowest + est.optimizer_step_s(total_params, c)
+        refined.append((guess, bound, c, comm, problem))
+    refined.sort(key=lambda x: x[0])
+    for guess, _, c, _, _ in refined[keep:]:
+        rejected.append(Rejected(config=c.summary(), kind="screened",
+                                 reason=f"estimated {guess:.3g} s/step with even stages, not among the {keep} best"))
+    return refined[:keep]
+
+
+def _best_mesh_orders(est: Estimator, configs: list[Config], rejected: list[Rejected]) -> list[Config]:
+    """Configurations that differ only in mesh order move the same bytes; keep the order whose pipeline and
+    data-parallel traffic is cheapest on this topology (per step: 2 p2p per micro-batch and the DP reduction)."""
+    best: dict[tuple, tuple[float, Config]] = {}
+    for c in configs:
+        key = replace(c, mesh_order=(MeshAxis.PP, MeshAxis.DP, MeshAxis.TP))
+        comm = est.comm(c)
+        cost = 2 * c.num_microbatches * comm.p2p_s + comm.dp_step_s
+        if key not in best or cost < best[key][0] - 1e-12:
+            if key in best:
+                _dominated(rejected, best[key][1], c, "its mesh order moves the same data over slower links")
+            best[key] = (cost, c)
+        else:
+            _dominated(rejected, c, best[key][1], "its mesh order moves the same data over slower links")
+    return [c for _, c in best.values()]
+
+
+def _drop_needless_zero(candidates: list, rejected: list[Rejected]) -> list:
+    """A higher ZeRO stage only trades communication for memory: when a lower stage of the same configuration
+    already fits with every block in the fastest recompute mode, the higher ones cannot be faster."""
+    fits_fastest: dict[tuple, int] = {}
+    for c, _, problem in candidates:
+        fastest = min(problem.options, key=lambda o: o.time_s)
+        if min_rank_memory_bytes(replace(problem, options=(fastest,))) <= problem.memory_cap_bytes:
+            key = replace(c, zero=0)
+            fits_fastest[key] = min(fits_fastest.get(key, 9), c.zero)
+    kept = []
+    for item in candidates:
+        c = item[0]
+        lowest = fits_fastest.get(replace(c, zero=0), 9)
+        if c.zero > lowest:
+            _dominated(rejected, c, replace(c, zero=lowest), f"zero {lowest} already fits without recompute; "
+                       f"zero {c.zero} only adds communication")
+        else:
+            kept.append(item)
+    return kept
+
+
+def _dominated(rejected: list[Rejected], loser: Config, winner: Config, why: str) -> None:
+    rejected.append(Rejected(config=loser.summary(), kind="dominated", reason=why))
 
 
 def quick_estimate_s(c: Config, problem: PartitionProblem) -> float:
@@ -179,42 +255,48 @@ def quick_estimate_s(c: Config, problem: PartitionProblem) -> float:
     return (c.num_microbatches + (c.pp - 1) / c.vpp) * work / c.pp
 
 
-def solve(est: Estimator, pins: Pins = Pins(), top_k: int | None = 5, time_limit_s: float = 10.0) -> SolveResult:
+def solve(est: Estimator, pins: Pins = Pins(), top_k: int | None = 5, time_limit_s: float = 10.0,
+          exhaustive: bool = False) -> SolveResult:
     """Rank the configurations; top_k=None keeps every feasible plan (no pruning by bound).
 
-    Branch and bound over configurations: candidates are tried in order of a quick estimate; one is skipped,
-    with its bound as the reason, once a lower bound on its step time (first the fastest-mode work per rank,
-    then the exact least bottleneck under the memory cap) reaches the k-th best plan found so far."""
+    Candidates are ordered by a quick estimate and, unless exhaustive, screened to a shortlist by a sharper
+    estimate (even stages, the fastest recompute mix that fits each rank; see _screen). The shortlist is then
+    branch-and-bound: a candidate is skipped, with its bound as the reason, once a lower bound on its step time
+    (the fastest-mode work per rank with the bubble, then the exact least bottleneck under the memory cap)
+    reaches the k-th best plan found so far; the rest get the ILP partition and the simulated schedule."""
     start = time.perf_counter()
     configs, rejected = enumerate_configs(est, pins)
-    scored = []
-    for c in configs:
+    candidates = []
+    for c in _best_mesh_orders(est, configs, rejected):
         comm = est.comm(c)
         problem = est.partition_problem(c, comm)
         need = min_rank_memory_bytes(problem)
         if need > problem.memory_cap_bytes:
             short = need - problem.memory_cap_bytes
             rejected.append(Rejected(config=c.summary(), kind="oom", shortfall_bytes=short,
-                                     reason=f"out of memory by at least {short / GiB:.2f} GiB per GPU"))
+                                     reason=f"out of memory by {short / GiB:.2f} GiB per GPU at best"))
             continue
-        scored.append((quick_estimate_s(c, problem), time_lower_bound_s(c, problem), c, comm, problem))
+        candidates.append((c, comm, problem))
+    scored = [(quick_estimate_s(c, p), time_lower_bound_s(est, c, p), c, comm, p)
+              for c, comm, p in _drop_needless_zero(candidates, rejected)]
     scored.sort(key=lambda x: x[0])
+    if top_k and not exhaustive:
+        scored = _screen(est, scored, rejected, max(SHORTLIST_FACTOR * top_k, SHORTLIST_MIN))
     plans: list[Plan] = []
     kth = math.inf
     ilp_calls = 0
     for _, bound, c, comm, problem in scored:
         if top_k and len(plans) >= top_k:
-            if bound < kth:  # the cheap bound does not decide: try the exact least bottleneck
-                bound = max(bound, c.num_microbatches * min_bottleneck_s(problem, kth / c.num_microbatches))
+            if bound < kth:  # the cheap bound does not decide: add the exact least bottleneck under the memory cap
+                bound = time_lower_bound_s(est, c, problem, min_bottleneck_s(problem, kth / c.num_microbatches))
             if bound >= kth:
                 rejected.append(Rejected(config=c.summary(), kind="slower",
                                          reason=f"at least {bound:.3g} s/step, slower than the top {top_k} ({kth:.3g} s)"))
                 continue
         ilp_calls += 1
         part = solve_partition(problem, time_limit_s=time_limit_s)
-        if part is None:
-            rejected.append(Rejected(config=c.summary(), kind="oom", shortfall_bytes=0.0,
-                                     reason="no stage partition fits in memory (every split overflows some stage)"))
+        if part is None:  # cannot happen after the exact memory check above; kept as a guard
+            rejected.append(Rejected(config=c.summary(), kind="oom", reason="no stage partition fits in memory"))
             continue
         plans.append(build_plan(est, c, part, comm))
         if top_k and len(plans) >= top_k:

@@ -70,7 +70,7 @@ class SolveRequest:
 
 
 def run_solve(req: SolveRequest, pins: Pins = Pins(), top_k: int | None = 5,
-              traits: RuntimeTraits = RuntimeTraits()) -> SolveResult:
-    result = solve(req.estimator(traits), pins, top_k=top_k)
+              traits: RuntimeTraits = RuntimeTraits(), exhaustive: bool = False) -> SolveResult:
+    result = solve(req.estimator(traits), pins, top_k=top_k, exhaustive=exhaustive)
     result.notes = [f"defaults used: {', '.join(req.notes)}"] if req.notes else []
     return result
