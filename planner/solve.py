@@ -56,6 +56,9 @@ class SolveRequest:
             if memory_limit <= 0:
                 raise SpecError(f"--memory-limit {memory_limit}: must be positive")
             cl = ClusterSpec.model_validate({**cl.model_dump(), "gpu": {**cl.gpu.model_dump(), "memory_gb": memory_limit / 1e9}})
+        if prof and prof.device.matmul_tflops > 0:  # MFU against what this device was measured to do
+            cl = ClusterSpec.model_validate({**cl.model_dump(), "gpu": {**cl.gpu.model_dump(),
+                                                                       "peak_tflops": prof.device.matmul_tflops}})
         precision = prof.precision if prof else Precision.BF16
         return cls(model=spec, cluster=cl, train=TrainSpec(global_batch=global_batch, precision=precision),
                    profile=prof, notes=notes)
