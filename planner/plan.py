@@ -14,9 +14,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from planner.specs import ClusterSpec, ModelSpec, Recompute, SpecError, Strict, TrainSpec, read_mapping, validation_message
+from planner.specs import ClusterSpec, ModelSpec, Recompute, SpecError, Strict, TrainSpec, load_versioned
 
 SCHEMA_VERSION = 1
 
@@ -170,12 +170,4 @@ class Plan(Strict):
 
 def load_plan(path: str | Path) -> Plan:
     """Read and validate plan.json; any problem is a SpecError with one line naming the file and field."""
-    path = Path(path)
-    data = read_mapping(path)
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise SpecError(f"{path}: schema_version {version!r} is not supported (this mpplan reads {SCHEMA_VERSION})")
-    try:
-        return Plan.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(validation_message(str(path), e)) from None
+    return load_versioned(Plan, path, SCHEMA_VERSION)

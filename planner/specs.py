@@ -222,6 +222,17 @@ def validate(cls: type[T], data: dict[str, Any], source: str) -> T:
         raise SpecError(validation_message(source, e)) from None
 
 
+def load_versioned(cls: type[T], path: str | Path, version: int) -> T:
+    """Read a versioned mpplan file (plan.json, profile.json) strictly: wrong version, bad JSON or any
+    invalid field is a SpecError with one line naming the file and field."""
+    path = Path(path)
+    data = read_mapping(path)
+    found = data.get("schema_version")
+    if found != version:
+        raise SpecError(f"{path}: schema_version {found!r} is not supported (this mpplan reads {version})")
+    return validate(cls, data, str(path))
+
+
 _HF_GPT2 = {"n_layer", "n_embd", "n_head", "vocab_size"}
 _HF_LLAMA = {"num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"}
 
