@@ -223,7 +223,7 @@ def _drop_needless_zero(candidates: list, rejected: list[Rejected]) -> list:
     fits_fastest: dict[tuple, int] = {}
     for c, _, problem in candidates:
         fastest = min(problem.options, key=lambda o: o.time_s)
-        if min_rank_memory_bytes(replace(problem, options=(fastest,))) <= problem.memory_cap_bytes:
+        if fits_in_one_mode(problem, fastest):
             key = replace(c, zero=0)
             fits_fastest[key] = min(fits_fastest.get(key, 9), c.zero)
     kept = []
@@ -242,13 +242,20 @@ def _dominated(rejected: list[Rejected], loser: Config, winner: Config, why: str
     rejected.append(Rejected(config=loser.summary(), kind="dominated", reason=why))
 
 
+@lru_cache(maxsize=65536)
+def fits_in_one_mode(problem: PartitionProblem, option) -> bool:
+    """Whether some partition fits with every block in this one recompute mode (cached: asked by the ZeRO
+    dominance check and again by the quick estimate)."""
+    return min_rank_memory_bytes(replace(problem, options=(option,))) <= problem.memory_cap_bytes
+
+
 def quick_estimate_s(c: Config, problem: PartitionProblem) -> float:
     """A cheap guess of the step time, used only to order the ILPs so good plans are found first: an even
     split in the fastest single recompute mode that fits, priced with the uniform-stage bubble
     (Narayanan et al. 2021 eq. for interleaved: (m + (p - 1) / v) micro-batch steps)."""
     t = max(o.time_s for o in problem.options)
     for option in sorted(problem.options, key=lambda o: o.time_s):
-        if min_rank_memory_bytes(replace(problem, options=(option,))) <= problem.memory_cap_bytes:
+        if fits_in_one_mode(problem, option):
             t = option.time_s
             break
     work = problem.num_blocks * t + problem.first_time_s + problem.last_time_s
