@@ -113,9 +113,11 @@ def solve(
 from cli.demo_cmd import demo_command  # noqa: E402
 from cli.profile_cmd import profile_command  # noqa: E402
 from cli.run_cmd import run_command  # noqa: E402
+from cli.validate_cmd import validate_command  # noqa: E402
 
 app.command("profile")(profile_command)
 app.command("run")(run_command)
+app.command("validate")(validate_command)
 app.command("demo")(demo_command)
 
 

@@ -105,6 +105,17 @@ def block_activation_bytes(model: ModelSpec, mbs: int, tp: int, sp: bool, elem_b
 class AnalyticCosts:
     """Roofline costs of layer units on a datasheet GPU."""
 
+    source = "analytic"
+    # What the training framework adds around the layers. A profile measures these on the machine at hand
+    # (planner/profiled.py); for datasheet hardware they are folded into the efficiencies above.
+    step_overhead_s = 0.0
+    optimizer_s_per_param = 0.0
+    runtime_fixed_bytes = 0
+    stage_microbatch_overhead_s = (0.0, 0.0)
+
+    def available(self, tp: int, sp: bool, mbs: int) -> str | None:
+        return None
+
     def __init__(self, model: ModelSpec, gpu: GPUSpec, train: TrainSpec, traits: RuntimeTraits = RuntimeTraits()):
         self.model, self.gpu, self.train, self.traits = model, gpu, train, traits
         self.elem_bytes = train.weight_bytes  # activations in the training precision

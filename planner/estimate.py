@@ -87,8 +87,7 @@ class Estimator:
         """Why the costs cannot price this (tp, sp, micro-batch) choice, or None."""
         if sp and tp == 1:
             return "sequence parallel needs tp > 1"
-        check = getattr(self.costs, "available", None)
-        return check(tp, sp, mbs) if check else None
+        return self.costs.available(tp, sp, mbs)
 
     # ------------------------------------------------------------------ memory
     def static_bytes_per_param(self, zero: int, dp: int) -> tuple[float, float, float]:
@@ -103,14 +102,19 @@ class Estimator:
             w /= dp
         return w, g, o
 
+    def fixed_reserve_bytes(self) -> float:
+        """CUDA: context, kernels and library workspaces. CPU: what the runtime calibration measured beyond
+        tensors (ProfiledCosts.runtime_fixed_bytes; 0 without one)."""
+        if self.device == "cuda":
+            return CUDA_FIXED_RESERVE_BYTES
+        return self.costs.runtime_fixed_bytes
+
     def reserve_bytes(self, allocated: float) -> float:
-        fixed = CUDA_FIXED_RESERVE_BYTES if self.device == "cuda" else 0
-        return fixed + FRAGMENTATION * allocated
+        return self.fixed_reserve_bytes() + FRAGMENTATION * allocated
 
     def memory_cap_bytes(self) -> float:
         """What partitions may allocate: device memory minus the fixed reserve, less fragmentation."""
-        fixed = CUDA_FIXED_RESERVE_BYTES if self.device == "cuda" else 0
-        return (self.cluster.gpu.memory_bytes - fixed) / (1 + FRAGMENTATION)
+        return (self.cluster.gpu.memory_bytes - self.fixed_reserve_bytes()) / (1 + FRAGMENTATION)
 
     def zero3_gather_bytes(self, c: Config) -> float:
         """ZeRO-3 gathers one block's full weights ahead of use, and prefetches the next (x2)."""
@@ -188,7 +192,9 @@ class Estimator:
             last_time_s=head.time_s() + 2 * comm.tp_edge_fwd_s, last_static_bytes=head.params * per_param,
             last_act_bytes=head.act_bytes[Recompute.NONE],
             boundary_time_s=comm.p2p_s * 2,  # the activation forward and its gradient backward
-            memory_cap_bytes=self.memory_cap_bytes() - (self.zero3_gather_bytes(c) if zb else 0.0),
+            # at least 1 byte: a limit below the fixed reserve (or the ZeRO-3 gathers) leaves room for
+            # nothing, so the search rejects the configuration as out of memory instead of failing
+            memory_cap_bytes=max(self.memory_cap_bytes() - (self.zero3_gather_bytes(c) if zb else 0.0), 1.0),
             min_blocks_per_stage=1 if stages > 1 else 0)
 
     def block_time_s(self, block: LayerCost, mode: Recompute, comm: Comm, c: Config) -> float:
@@ -213,8 +219,10 @@ class Estimator:
                 f, b = f + emb.fwd_s + comm.tp_edge_fwd_s, b + emb.bwd_s + comm.tp_edge_fwd_s
             if j == stages - 1:
                 f, b = f + head.fwd_s + comm.tp_edge_fwd_s, b + head.bwd_s + comm.tp_edge_fwd_s
-            fwd.append(f)
-            bwd.append(b)
+            # the runtime's own per-micro-batch work on every stage (calibrated from profile runs; 0 without)
+            f_extra, b_extra = self.costs.stage_microbatch_overhead_s
+            fwd.append(f + f_extra)
+            bwd.append(b + b_extra)
         sim = simulate(c.schedule, c.pp, c.vpp, c.num_microbatches, fwd, bwd, p2p_s=comm.p2p_s)
         # data-parallel gradient reduction: hidden behind the last micro-batch's backward when the runtime
         # overlaps it (DDP buckets / FSDP2 reduce-scatter in backward), else fully exposed
@@ -239,9 +247,12 @@ class Estimator:
         max_params = max(s[2] for s in rank_stats)
         dp_scale = max_params / max(self.rank_params_upper(c), 1)
         dp_s = comm.dp_step_s * dp_scale if c.dp > 1 else 0.0
-        window = min(s[3] for s in rank_stats) if self.traits.overlap_grad_reduce else 0.0
+        # CPU ranks own one core each: gloo's reduction runs on that core, so nothing overlaps with backward
+        overlap = self.traits.overlap_grad_reduce and self.device != "cpu"
+        window = min(s[3] for s in rank_stats) if overlap else 0.0
         exposed_dp = max(dp_s - window, 0.0)
-        step = sim.step_time_s + exposed_dp + self.optimizer_step_s(max_params, c)
+        step = (sim.step_time_s + exposed_dp + self.optimizer_step_s(max_params, c)
+                + self.costs.step_overhead_s)
         flops = model_flops_per_step(self.model, self.train.global_batch)
         gpus = c.tp * c.pp * c.dp
         tflops = flops / step / gpus / 1e12
@@ -254,6 +265,9 @@ class Estimator:
     def optimizer_step_s(self, rank_params: float, c: Config) -> float:
         """Adam is memory-bound: read weights, grads, both moments and the master copy, write them back."""
         shard = rank_params / (c.dp if c.zero >= 1 else 1)
+        measured = self.costs.optimizer_s_per_param  # AdamW timed by the profile, if it was
+        if measured:
+            return shard * measured
         touched = 2 * self.train.optimizer_bytes + self.train.grad_bytes + 2 * self.train.weight_bytes
         return self.costs.memory_time_s(shard * touched)
 

@@ -19,9 +19,9 @@ import math
 from pathlib import Path
 from typing import Literal, Sequence
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from planner.specs import ModelSpec, Precision, Recompute, SpecError, Strict, read_mapping, validation_message
+from planner.specs import ModelSpec, Precision, Recompute, SpecError, Strict, load_versioned
 
 SCHEMA_VERSION = 1
 
@@ -103,6 +103,37 @@ class DeviceInfo(Strict):
     """ISO 8601, when the profile was taken."""
 
 
+class RuntimeRun(Strict):
+    """One calibration run of mpplan's own training loop on a single rank (no parallelism)."""
+
+    micro_batch_size: int = Field(gt=0)
+    num_microbatches: int = Field(gt=0)
+    step_time_s: float = Field(ge=0)
+    """Median step time after warm-up, as `mpplan run` reports it."""
+    peak_bytes: int = Field(ge=0)
+    """Peak memory as `mpplan run` reports it (CPU: resident growth over the pre-model baseline)."""
+
+
+class RuntimeCalibration(Strict):
+    """What mpplan's runtime adds to the sum of the layers, from single-rank runs of the whole model
+    (runtime/profile_runtime.py; the parallel plans that `mpplan validate` checks are not among them)."""
+
+    step_overhead_s: float = Field(ge=0)
+    """Per optimizer step, beyond the layers and the optimizer: zero_grad, the loop, batch slicing."""
+    microbatch_overhead_s: float = Field(ge=0)
+    """Per micro-batch per stage, beyond the layers' own forward and backward: loss, autograd engine start,
+    gradient accumulation into .grad."""
+    optimizer_s_per_param: float = Field(ge=0)
+    """AdamW step seconds per parameter of the whole model (per-tensor overheads averaged in), one thread."""
+    fixed_bytes: int = Field(ge=0)
+    """Peak memory the runtime holds beyond parameters, gradients, optimizer state and activations (CPU:
+    lazily created kernel workspaces and allocator slack in the resident set)."""
+    activation_peak_factor: float = Field(ge=1)
+    """Peak bytes per saved-activation byte: backward holds activation gradients and temporaries beside what
+    forward saved. 1 when not measurable."""
+    runs: list[RuntimeRun] = []
+
+
 class Profile(Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     model: ModelSpec
@@ -113,6 +144,8 @@ class Profile(Strict):
     collectives: list[CollectiveFit]
     optimizer_bytes_per_param: int = Field(gt=0)
     """AdamW state per parameter, measured from a real step (plus the fp32 master copy under bf16)."""
+    runtime: RuntimeCalibration | None = None
+    """Overheads of mpplan's own runtime on this machine; None in profiles taken without calibration runs."""
 
     def layer(self, kind: LayerKind, tp: int, micro_batch_size: int) -> LayerProfile | None:
         for lp in self.layers:
@@ -132,15 +165,7 @@ class Profile(Strict):
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate profile.json; any problem is a SpecError with one line naming the file and field."""
-    path = Path(path)
-    data = read_mapping(path)
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise SpecError(f"{path}: schema_version {version!r} is not supported (this mpplan reads {SCHEMA_VERSION})")
-    try:
-        return Profile.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(validation_message(str(path), e)) from None
+    return load_versioned(Profile, path, SCHEMA_VERSION)
 
 
 # What decides a layer's cost; the name does not (a preset and its config.json twin measure the same).

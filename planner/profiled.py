@@ -16,6 +16,17 @@ class ProfiledCosts:
     def __init__(self, profile: Profile, gpu: GPUSpec):
         self.profile, self.model, self.gpu = profile, profile.model, gpu
         self.elem_bytes = 4 if profile.precision == "fp32" else 2
+        # What the runtime adds to the layers, from the profile's single-rank calibration runs
+        # (runtime/profile_runtime.py); neutral when the profile has none. planner/estimate.py reads these.
+        rt = profile.runtime
+        self.step_overhead_s = rt.step_overhead_s if rt else 0.0
+        self.optimizer_s_per_param = rt.optimizer_s_per_param if rt else 0.0
+        self.runtime_fixed_bytes = rt.fixed_bytes if rt else 0
+        self.activation_peak_factor = rt.activation_peak_factor if rt else 1.0
+        # per micro-batch per stage, split as the work is: backward is about twice forward (two GEMMs per
+        # forward GEMM, Narayanan et al. 2021 sec. 5.1)
+        per_mb = rt.microbatch_overhead_s if rt else 0.0
+        self.stage_microbatch_overhead_s = (per_mb / 3, 2 * per_mb / 3)
         self.block = lru_cache(maxsize=None)(self._block)
         self.embedding = lru_cache(maxsize=None)(self._embedding)
         self.head = lru_cache(maxsize=None)(self._head)
@@ -36,7 +47,9 @@ class ProfiledCosts:
     def _cost(self, lp: LayerProfile, collectives: int) -> LayerCost:
         tokens = lp.micro_batch_size * self.model.seq_len
         return LayerCost(fwd_s=lp.fwd_s, bwd_s=lp.bwd_s, recompute_extra_s=dict(lp.recompute_extra_s),
-                         params=lp.params, act_bytes={Recompute(k): float(v) for k, v in lp.activation_bytes.items()},
+                         params=lp.params,
+                         act_bytes={Recompute(k): float(v) * self.activation_peak_factor
+                                    for k, v in lp.activation_bytes.items()},
                          tp_comm_bytes=self.elem_bytes * tokens * self.model.hidden_size,
                          tp_collectives=collectives if lp.tp > 1 else 0)
 

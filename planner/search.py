@@ -333,7 +333,7 @@ def build_plan(est: Estimator, c: Config, part: PartitionResult, comm) -> Plan:
                 zero=c.zero, schedule=c.schedule, mesh_order=c.mesh_order, stages=stages,
                 predicted=est.predict(c, part, comm),
                 solver=SolverInfo(solver=part.solver, status=part.status, gap=part.gap, time_s=part.time_s),
-                cost_source=getattr(est.costs, "source", "analytic"))
+                cost_source=est.costs.source)
 
 
 def plan_summary(p: Plan) -> dict:

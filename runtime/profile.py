@@ -23,6 +23,7 @@ import torch
 from planner.profile import DeviceInfo, LayerKind, Profile
 from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CommConfig, group_sizes, measure_collectives
+from runtime.profile_runtime import calibrate_runtime
 from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, matmul_tflops, measure_layers,
                                     optimizer_bytes_per_param)
 
@@ -34,7 +35,7 @@ Progress = Callable[[str], None]
 
 def count_steps(ranks: int, timing: TimingConfig = TimingConfig(), comm: CommConfig = CommConfig()) -> int:
     """How many times profile_model calls its progress callback (for a progress bar's total)."""
-    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds
+    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + 1
 
 
 def check_request(spec: ModelSpec, device: str, micro_batch_sizes: Sequence[int], tp_degrees: Sequence[int],
@@ -82,9 +83,11 @@ def device_name(device: torch.device) -> str:
 
 def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Sequence[int] = (1, 2, 4),
                   tp_degrees: Sequence[int] = (1, 2), ranks: int = 2, timing: TimingConfig = TimingConfig(),
-                  comm: CommConfig = CommConfig(), progress: Progress | None = None) -> Profile:
+                  comm: CommConfig = CommConfig(), progress: Progress | None = None,
+                  calibrate: bool = True) -> Profile:
     """Measure every layer kind at every (tp, micro-batch size), the collectives among ``ranks`` local ranks,
-    the optimizer state and the device. bf16 on CUDA, fp32 on CPU."""
+    the optimizer state and the device. bf16 on CUDA, fp32 on CPU. ``calibrate`` also runs the runtime on one
+    rank to measure its overheads (runtime/profile_runtime.py; needs tp 1 among ``tp_degrees``)."""
     check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
     step = progress or (lambda label: None)
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
@@ -100,5 +103,11 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
         optimizer_bytes = optimizer_bytes_per_param(mixed_precision=device == "cuda")
         step("device")
     collectives = measure_collectives(ranks, device, comm, on_done=step)
-    return Profile(model=spec, precision=Precision.BF16 if device == "cuda" else Precision.FP32, device=info,
-                   layers=layers, collectives=collectives, optimizer_bytes_per_param=optimizer_bytes)
+    precision = Precision.BF16 if device == "cuda" else Precision.FP32
+    runtime = None
+    if calibrate and any(lp.tp == 1 for lp in layers):
+        with one_thread():
+            runtime = calibrate_runtime(spec, layers, precision, device, optimizer_bytes)
+    step("runtime calibration")
+    return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
+                   optimizer_bytes_per_param=optimizer_bytes, runtime=runtime)

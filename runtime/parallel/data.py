@@ -111,7 +111,9 @@ def apply_data_parallel(modules: list[Transformer], zero: int, dp_mesh: DeviceMe
         wrapped = [_fully_shard(m, dp_mesh, reshard) for m in modules]
         return DataParallel(f"FSDP2 fully_shard(reshard_after_forward={reshard}) per block + root", wrapped, False, dp_mesh)
     if tp == 1 and pp == 1:
-        wrapped = [DistributedDataParallel(m, process_group=dp_mesh.get_group()) for m in modules]
+        # gradient_as_bucket_view: .grad aliases the reduction buckets instead of a second copy of every gradient
+        wrapped = [DistributedDataParallel(m, process_group=dp_mesh.get_group(), gradient_as_bucket_view=True)
+                   for m in modules]
         return DataParallel("DDP + ZeroRedundancyOptimizer" if zero == 1 else "DDP", wrapped, zero == 1, dp_mesh)
     if zero == 1:
         # DDP inside a pipeline schedule asserts in reducer.cpp (GPipe, measured here) and ZeroRedundancyOptimizer

@@ -1,0 +1,119 @@
+"""Calibrate what mpplan's own training loop adds to the sum of the profiled layers, on this machine.
+
+The layer profile (runtime/profile_layers.py) times each layer alone. A training step also pays the optimizer,
+zero_grad, the loop and the loss per micro-batch, and (on CPU) its resident memory grows by more than the
+tensors it keeps: backward holds activation gradients beside the saved activations, and kernels create
+workspaces on first use. Three single-rank runs of the whole model with the real runtime (runtime/launch.py,
+runtime/train.py, no parallelism) measure these; the parallel plans `mpplan validate` checks are not among them.
+
+    t(mbs, m) = step + m * (layers(mbs) + per_microbatch) + optimizer      runs (mbs0, 1) and (mbs0, 4)
+    peak(mbs) = fixed + static + factor * saved_activations(mbs)          runs (mbs0, 1) and (mbs1, 1)
+
+with static = parameters x (weight + grad + AdamW state) bytes. The AdamW step is timed separately on the
+model's own parameters.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Sequence
+
+import torch
+
+from planner.plan import MemoryBreakdown, Parallel, Plan, Prediction, Schedule, SolverInfo, StagePlan, StagePrediction
+from planner.profile import LayerProfile, RuntimeCalibration, RuntimeRun
+from planner.specs import ModelSpec, Precision, Recompute, TrainSpec, load_cluster
+from runtime.launch import Job, spawn_local
+from runtime.model import Transformer
+
+CALIBRATION_STEPS = 8
+MICROBATCHES_LONG = 4
+
+
+def single_rank_plan(spec: ModelSpec, mbs: int, microbatches: int, precision: Precision) -> Plan:
+    """The whole model on one rank, no recompute; its prediction is unused (zeros)."""
+    memory = MemoryBreakdown(params_bytes=0, grads_bytes=0, optimizer_bytes=0, activations_bytes=0,
+                             reserve_bytes=0, total_bytes=0)
+    predicted = Prediction(step_time_s=0.0, tokens_per_s=0.0, tflops_per_gpu=0.0, mfu=0.0, bubble_fraction=0.0,
+                           peak_memory_bytes=0, stages=[StagePrediction(memory=memory, time_s=0.0)])
+    return Plan(model=spec, cluster=load_cluster("local", 1),
+                train=TrainSpec(global_batch=mbs * microbatches, precision=precision), parallel=Parallel(),
+                micro_batch_size=mbs, num_microbatches=microbatches, recompute="none", zero=0,
+                schedule=Schedule.ONE_F_ONE_B,
+                stages=[StagePlan(layers=(0, spec.num_layers), recompute={Recompute.NONE: spec.num_layers})],
+                predicted=predicted, solver=SolverInfo(solver="calibration", status="none", gap=0.0, time_s=0.0),
+                cost_source="profile")
+
+
+def adamw_s_per_param(spec: ModelSpec, device: torch.device, repeats: int = 10) -> tuple[float, int]:
+    """Median torch.optim.AdamW step over the whole model's parameters, per parameter (one thread), and the
+    model's parameter count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs
+    try:
+        return _adamw_s_per_param(spec, device, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _adamw_s_per_param(spec: ModelSpec, device: torch.device, repeats: int) -> tuple[float, int]:
+    model = Transformer(spec, seed=0).to(device)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    times = []
+    for i in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    count = sum(p.numel() for p in params)
+    return statistics.median(times) / count, count
+
+
+def _layer_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: str) -> float:
+    by_kind = {lp.kind: lp for lp in layers if lp.tp == 1 and lp.micro_batch_size == mbs}
+    if what == "time":
+        return (by_kind["embedding"].fwd_s + by_kind["embedding"].bwd_s + by_kind["head"].fwd_s
+                + by_kind["head"].bwd_s + spec.num_layers * (by_kind["block"].fwd_s + by_kind["block"].bwd_s))
+    none = Recompute.NONE
+    return (by_kind["embedding"].activation_bytes[none] + by_kind["head"].activation_bytes[none]
+            + spec.num_layers * by_kind["block"].activation_bytes[none])
+
+
+def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision: Precision, device: str,
+                      optimizer_bytes_per_param: int) -> RuntimeCalibration:
+    """Run the three calibration plans (smallest and largest profiled tp-1 micro-batch) and solve for the
+    overheads; each is floored at its physical minimum (0 s, 0 bytes, factor 1)."""
+    sizes = sorted({lp.micro_batch_size for lp in layers if lp.tp == 1})
+    small, large = sizes[0], sizes[-1]
+    # Two processes: a memory peak is only clean as the first run of a fresh one (a later run reuses the
+    # workspaces and the heap the earlier left behind); the second run of the first process is timed only.
+    groups = [[(small, 1), (small, MICROBATCHES_LONG)]] + ([[(large, 1)]] if large != small else [])
+    runs = []
+    for shapes in groups:
+        plans = [single_rank_plan(spec, mbs, m, precision).model_dump_json() for mbs, m in shapes]
+        reports = spawn_local(Job(plans=plans, steps=CALIBRATION_STEPS, device=device), 1)
+        runs += [RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=r["measured"]["step_time_s"],
+                            peak_bytes=r["measured"]["peak_memory_bytes"]) for (mbs, m), r in zip(shapes, reports)]
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    opt_per_param, params = adamw_s_per_param(spec, dev)
+    one, long_ = runs[0], runs[1]
+    layer_time = _layer_sum(layers, spec, small, "time")
+    per_mb = max(0.0, (long_.step_time_s - one.step_time_s) / (MICROBATCHES_LONG - 1) - layer_time)
+    step = max(0.0, one.step_time_s - layer_time - per_mb - opt_per_param * params)
+    weight = 4 if precision == Precision.FP32 else 2
+    static = params * (2 * weight + optimizer_bytes_per_param)
+    factor = 1.0
+    if len(runs) == 3:
+        extra_acts = _layer_sum(layers, spec, large, "bytes") - _layer_sum(layers, spec, small, "bytes")
+        if extra_acts > 0:
+            factor = max(1.0, (runs[2].peak_bytes - one.peak_bytes) / extra_acts)
+    fixed = max(0, round(one.peak_bytes - static - factor * _layer_sum(layers, spec, small, "bytes")))
+    return RuntimeCalibration(step_overhead_s=step, microbatch_overhead_s=per_mb, optimizer_s_per_param=opt_per_param,
+                              fixed_bytes=fixed, activation_peak_factor=factor, runs=runs)

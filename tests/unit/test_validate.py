@@ -1,0 +1,190 @@
+"""planner/validate.py (ranking statistics, summary, candidate plans) and the runtime calibration's effect on
+the CPU cost model (planner/profiled.py, planner/estimate.py). Torch-free."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from planner.presets import MODELS
+from planner.profile import DeviceInfo, LayerProfile, Profile, RuntimeCalibration, fit_collective
+from planner.search import Pins
+from planner.solve import SolveRequest, run_solve
+from planner.specs import Recompute
+from planner.validate import (PlanOutcome, RankMemory, average_ranks, candidate_plans, mean_abs_pct_error,
+                              plan_key, spearman, summarize)
+
+TINY = MODELS["tiny-gpt"]
+
+
+def synthetic_profile(runtime: RuntimeCalibration | None = None) -> Profile:
+    """tiny-gpt at tp 1 and 2, mbs 1, 2, 4: time and activations linear in the micro-batch, TP halving the block."""
+    layers = []
+    for tp in (1, 2):
+        for mbs in (1, 2, 4):
+            layers += [
+                LayerProfile(kind="embedding", tp=tp, micro_batch_size=mbs, fwd_s=2e-5 * mbs, bwd_s=4e-5 * mbs,
+                             fwd_cv=0.0, bwd_cv=0.0, params=TINY.vocab_size * 64 // tp + 64 * 64,
+                             activation_bytes={"none": 1000 * mbs}),
+                LayerProfile(kind="block", tp=tp, micro_batch_size=mbs, fwd_s=2e-4 * mbs / tp, bwd_s=4e-4 * mbs / tp,
+                             fwd_cv=0.0, bwd_cv=0.0, recompute_extra_s={"selective": 5e-5 * mbs, "full": 2e-4 * mbs},
+                             params=TINY.block_params // tp,
+                             activation_bytes={"none": 160_000 * mbs // tp, "selective": 150_000 * mbs // tp,
+                                               "full": 16_384 * mbs}),
+                LayerProfile(kind="head", tp=tp, micro_batch_size=mbs, fwd_s=5e-5 * mbs, bwd_s=1e-4 * mbs,
+                             fwd_cv=0.0, bwd_cv=0.0, params=TINY.head_params // tp,
+                             activation_bytes={"none": 65_000 * mbs}),
+            ]
+    sizes = [1 << e for e in range(10, 24)]
+    collectives = [fit_collective(op, 2, [(n, 2e-4 + n * 1e-9) for n in sizes])
+                   for op in ("all_reduce", "all_gather", "reduce_scatter", "send_recv")]
+    return Profile(model=TINY, precision="fp32",
+                   device=DeviceInfo(device="cpu", name="test cpu", torch_version="2.13.0", threads=1,
+                                     matmul_tflops=0.1, date="2025-01-01T00:00:00+00:00"),
+                   layers=layers, collectives=collectives, optimizer_bytes_per_param=8, runtime=runtime)
+
+
+def request(tmp_path, profile: Profile, memory_limit: int | None = None) -> SolveRequest:
+    path = tmp_path / "profile.json"
+    path.write_text(profile.to_json())
+    return SolveRequest.build(gpus=2, cluster="local", profile=path, global_batch=16, memory_limit=memory_limit)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+def test_average_ranks_share_ties():
+    assert average_ranks([10, 30, 20, 30]) == [1, 3.5, 2, 3.5]
+
+
+def test_spearman_of_monotone_and_reversed_orders():
+    xs = [0.1, 0.5, 0.2, 0.9]
+    assert spearman(xs, [x ** 3 for x in xs]) == pytest.approx(1.0)
+    assert spearman(xs, [-x for x in xs]) == pytest.approx(-1.0)
+
+
+def test_spearman_hand_computed_with_one_swap():
+    # ranks 1..5 against 1, 2, 3, 5, 4: d^2 = 2, rho = 1 - 6 * 2 / (5 * 24) = 0.9
+    assert spearman([1, 2, 3, 4, 5], [1, 2, 3, 5, 4]) == pytest.approx(0.9)
+
+
+def test_spearman_undefined_cases():
+    assert spearman([1.0], [2.0]) is None
+    assert spearman([1, 2, 3], [7, 7, 7]) is None
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(min_value=0.001, max_value=10), min_size=3, max_size=20, unique=True))
+def test_spearman_is_symmetric_and_bounded(xs):
+    ys = [math.sin(7 * x) for x in xs]
+    rho = spearman(xs, ys)
+    if rho is not None:
+        assert -1 - 1e-12 <= rho <= 1 + 1e-12
+        assert spearman(ys, xs) == pytest.approx(rho)
+
+
+def test_mean_abs_pct_error_is_relative_to_measured():
+    assert mean_abs_pct_error([110, 80], [100, 100]) == pytest.approx(0.15)
+    assert mean_abs_pct_error([], []) is None
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+def outcome(rank: int, pred_s: float, meas_s: float | None, pred_b: int = 100, meas_b: int = 100,
+            error: str | None = None) -> PlanOutcome:
+    ranks = [] if meas_s is None else [RankMemory(0, pred_b, meas_b), RankMemory(1, pred_b, meas_b + 10)]
+    return PlanOutcome(solver_rank=rank, label=f"plan{rank}", config={}, predicted_step_time_s=pred_s,
+                       predicted_peak_bytes=pred_b, measured_step_time_s=meas_s, ranks=ranks, error=error)
+
+
+def test_summary_regret_is_solver_first_over_best_measured():
+    s = summarize([outcome(1, 1.0, 1.2), outcome(2, 1.1, 1.0), outcome(3, 2.0, 2.5)])
+    assert s.regret == pytest.approx(1.2) and s.solver_first == "plan1" and s.measured_best == "plan2"
+    assert s.spearman == pytest.approx(0.5)
+    assert s.step_time_mape == pytest.approx((0.2 / 1.2 + 0.1 / 1.0 + 0.5 / 2.5) / 3)
+    assert s.checks()["regret"] is False and s.checks()["memory_limit"] is None
+
+
+def test_failed_runs_are_counted_but_left_out_of_the_figures():
+    s = summarize([outcome(1, 1.0, None, error="rank 1 failed: boom"), outcome(2, 1.1, 1.1), outcome(3, 2.0, 2.0)])
+    assert (s.plans, s.ran, s.failed) == (3, 2, 1)
+    assert s.solver_first == "plan2" and s.regret == pytest.approx(1.0)
+
+
+def test_memory_error_is_per_rank_and_limit_violations_are_listed():
+    s = summarize([outcome(1, 1.0, 1.0, pred_b=100, meas_b=100)], memory_limit_bytes=105)
+    assert s.memory_mape == pytest.approx((0 + 10 / 110) / 2)
+    assert [(v.rank, v.measured_bytes) for v in s.violations] == [(1, 110)]
+    assert s.checks()["memory_limit"] is False
+
+
+# ------------------------------------------------------------------------------------------ candidates
+
+def test_candidates_cover_every_recompute_mode_and_are_ranked(tmp_path):
+    req = request(tmp_path, synthetic_profile())
+    plans = candidate_plans(req)
+    modes = {p.recompute for p in plans}
+    assert {"none", "selective", "full"} <= modes
+    times = [p.predicted.step_time_s for p in plans]
+    assert times == sorted(times)
+    assert len({plan_key(p) for p in plans}) == len(plans)
+    # the unpinned solver (auto recompute) finds only a subset: with memory to spare it never recomputes
+    auto = run_solve(req, Pins(), top_k=None).plans
+    assert len(plans) > len(auto)
+
+
+def test_all_zero_stages_only_add_data_parallel_plans(tmp_path):
+    req = request(tmp_path, synthetic_profile())
+    plans = candidate_plans(req, Pins(recompute=Recompute.NONE), recompute_modes=(None,), zero_stages=(0, 1, 2, 3))
+    assert all(p.zero == 0 for p in plans if p.parallel.dp == 1)
+    assert {p.zero for p in plans if p.parallel.dp == 2} >= {0, 2, 3}
+
+
+def test_memory_limit_leaves_out_plans_predicted_over_it(tmp_path):
+    prof = synthetic_profile()
+    everything = candidate_plans(request(tmp_path, prof))
+    peaks = sorted(p.predicted.peak_memory_bytes for p in everything)
+    limit = peaks[len(peaks) // 2]
+    limited = candidate_plans(request(tmp_path, prof, memory_limit=limit))
+    assert 0 < len(limited) < len(everything)
+    assert all(p.predicted.peak_memory_bytes <= limit for p in limited)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+CALIBRATION = RuntimeCalibration(step_overhead_s=0.004, microbatch_overhead_s=0.003, optimizer_s_per_param=5e-9,
+                                 fixed_bytes=12_000_000, activation_peak_factor=2.0)
+
+
+def by_label(plans):
+    return {(p.parallel.tp, p.parallel.pp, p.parallel.dp, p.parallel.vpp, p.micro_batch_size, str(p.schedule),
+             p.recompute): p for p in plans}
+
+
+def test_runtime_calibration_adds_its_overheads_to_the_prediction(tmp_path):
+    plain = by_label(candidate_plans(request(tmp_path, synthetic_profile()), recompute_modes=(Recompute.NONE,)))
+    calibrated = by_label(candidate_plans(request(tmp_path, synthetic_profile(CALIBRATION)),
+                                          recompute_modes=(Recompute.NONE,)))
+    key = (1, 1, 2, 1, 4, "1f1b", "none")  # dp 2: one stage, 2 micro-batches of 4
+    a, b = plain[key], calibrated[key]
+    params = a.predicted.stages[0].memory.params_bytes / 4
+    # time: the step overhead, 2 micro-batches' overhead on the one stage, AdamW at the measured rate instead
+    # of the placeholder bandwidth
+    old_optimizer = params * (2 * 8 + 4 + 2 * 4) / 10e9
+    expected = a.predicted.step_time_s + 0.004 + 2 * 0.003 + params * 5e-9 - old_optimizer
+    assert b.predicted.step_time_s == pytest.approx(expected, rel=1e-6)
+    # memory: activations doubled, the fixed bytes on top (plus the 5 % fragmentation allowance)
+    ma, mb = a.predicted.stages[0].memory, b.predicted.stages[0].memory
+    assert mb.activations_bytes == pytest.approx(2 * ma.activations_bytes, abs=2)
+    assert mb.total_bytes - ma.total_bytes == pytest.approx(12_000_000 + 1.05 * ma.activations_bytes, rel=1e-3)
+
+
+def test_cpu_gradient_reduction_is_not_hidden_behind_backward(tmp_path):
+    plans = by_label(candidate_plans(request(tmp_path, synthetic_profile()), recompute_modes=(Recompute.NONE,)))
+    one_mb = plans[(1, 1, 2, 1, 4, "1f1b", "none")]
+    per_rank_work = 2 * (8 * 6e-4 + 6e-5 + 1.5e-4) * 4  # 2 micro-batches of 4: blocks + embedding + head
+    # the gradient all-reduce (~1.8 MB at 1 ns/B + 0.2 ms) is paid in full on top of the compute
+    assert one_mb.predicted.step_time_s > per_rank_work + 1.8e-3
