@@ -37,6 +37,13 @@ CUDA_FIXED_RESERVE_BYTES = 2 * GiB
 FRAGMENTATION = 0.05
 
 
+def recompute_transient_bytes(block: LayerCost, mode: Recompute) -> float:
+    """A recomputing block's backward first redoes its forward, so for that one block and micro-batch the
+    activations it did not keep are alive again on top of everything held (Chen et al. 2016, arXiv 1604.06174,
+    section 3: the peak of a checkpointed segment is its stored inputs plus one segment's activations)."""
+    return max(block.act_bytes[Recompute.NONE] - block.act_bytes.get(mode, block.act_bytes[Recompute.NONE]), 0.0)
+
+
 @dataclass(frozen=True)
 class Config:
     """One point of the search space."""
@@ -194,7 +201,8 @@ class Estimator:
             boundary_time_s=comm.p2p_s * 2,  # the activation forward and its gradient backward
             # at least 1 byte: a limit below the fixed reserve (or the ZeRO-3 gathers) leaves room for
             # nothing, so the search rejects the configuration as out of memory instead of failing
-            memory_cap_bytes=max(self.memory_cap_bytes() - (self.zero3_gather_bytes(c) if zb else 0.0), 1.0),
+            memory_cap_bytes=max(self.memory_cap_bytes() - (self.zero3_gather_bytes(c) if zb else 0.0)
+                                 - max(recompute_transient_bytes(block, m) for m in c.recompute), 1.0),
             min_blocks_per_stage=1 if stages > 1 else 0)
 
     def block_time_s(self, block: LayerCost, mode: Recompute, comm: Comm, c: Config) -> float:
@@ -236,6 +244,8 @@ class Estimator:
             acts = sum(sum(k * block.act_bytes[m] for m, k in part.counts[j].items()) * inflight[j] for j in js)
             acts += (emb.act_bytes[Recompute.NONE] * inflight[0] if 0 in js else 0)
             acts += (head.act_bytes[Recompute.NONE] * inflight[-1] if stages - 1 in js else 0)
+            acts += max((recompute_transient_bytes(block, m) for j in js for m, k in part.counts[j].items() if k),
+                        default=0.0)
             gather = self.zero3_gather_bytes(c)
             allocated = params * (w + g + o) + acts + gather
             mem = MemoryBreakdown(params_bytes=int(params * w + gather), grads_bytes=int(params * g),
