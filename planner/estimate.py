@@ -3,7 +3,7 @@ per-rank memory broken down, the pipeline simulated over the uneven stages, comm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 from planner.costmodel import AnalyticCosts, LayerCost, RuntimeTraits, model_flops_per_step
 from planner.partition import BlockOption, PartitionProblem, PartitionResult
@@ -280,7 +280,3 @@ class Estimator:
             return shard * measured
         touched = 2 * self.train.optimizer_bytes + self.train.grad_bytes + 2 * self.train.weight_bytes
         return self.costs.memory_time_s(shard * touched)
-
-    @cached_property
-    def gpus(self) -> int:
-        return self.cluster.num_gpus

@@ -120,6 +120,10 @@ def _expand(est: Estimator, pins: Pins, configs: list, rejected: list, tp: int, 
         [Schedule.ONE_F_ONE_B] if pp == 1 else [Schedule.ONE_F_ONE_B, Schedule.GPIPE, Schedule.INTERLEAVED])
     sps = [pins.sp] if pins.sp is not None else ([False, True] if tp > 1 else [False])
     zeros = [pins.zero] if pins.zero is not None else ([0, 1, 2, 3] if dp > 1 else [0])
+    if dp == 1 and zeros != [0]:  # ZeRO shards over the data-parallel ranks: with one there is nothing to shard
+        rejected.append(Rejected(config=dict(tp=tp, pp=pp, dp=dp, mbs=mbs, zero=zeros[0]), kind="unsupported",
+                                 reason=f"zero {zeros[0]} shards over data-parallel ranks, but dp is 1"))
+        return
     modes = (pins.recompute,) if pins.recompute else ALL_MODES
     orders = [(MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)]
     if pp > 1 and dp > 1 and tp < per_node:  # whether pipeline or data-parallel neighbours share a node matters
