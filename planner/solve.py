@@ -9,7 +9,8 @@ from planner.estimate import Estimator
 from planner.profile import Profile, check_profile_matches, load_profile
 from planner.profiled import ProfiledCosts
 from planner.search import Pins, SolveResult, solve
-from planner.specs import ClusterSpec, ModelSpec, Precision, SpecError, TrainSpec, load_cluster, load_model
+from planner.specs import (ClusterSpec, ModelSpec, Precision, SpecError, TrainSpec, load_cluster, load_model,
+                           with_seq_len)
 from planner.topology import Topology
 
 DEFAULT_MODEL, DEFAULT_CLUSTER, DEFAULT_BATCH = "gpt3-13b", "dgx-a100", 512
@@ -40,8 +41,7 @@ class SolveRequest:
         if model is None:
             spec = prof.model if prof else load_model(LOCAL_MODEL if local else DEFAULT_MODEL)
             notes.append(f"model: {spec.name} ({'from the profile' if prof else 'default'})")
-            if seq_len:
-                spec = spec.model_copy(update={"seq_len": seq_len})
+            spec = with_seq_len(spec, seq_len)
         else:
             spec = load_model(model, seq_len)
         if prof:

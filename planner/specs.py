@@ -270,11 +270,16 @@ def load_model(name_or_path: str, seq_len: int | None = None) -> ModelSpec:
             spec = validate(ModelSpec, data, str(path))
         else:
             spec = model_from_hf_config(data, data.get("_name_or_path") or path.parent.name or path.stem, str(path))
-    if seq_len is not None:
-        if seq_len <= 0:
-            raise SpecError(f"--seq-len {seq_len}: must be positive")
-        spec = spec.model_copy(update={"seq_len": seq_len})
-    return spec
+    return with_seq_len(spec, seq_len)
+
+
+def with_seq_len(spec: ModelSpec, seq_len: int | None) -> ModelSpec:
+    """The spec with `--seq-len` applied (None keeps it), validated like any other spec."""
+    if seq_len is None:
+        return spec
+    if seq_len <= 0:
+        raise SpecError(f"--seq-len {seq_len}: must be positive")
+    return validate(ModelSpec, {**spec.model_dump(), "seq_len": seq_len}, "--seq-len")
 
 
 def load_cluster(name_or_path: str, num_gpus: int) -> ClusterSpec:

@@ -42,7 +42,8 @@ def test_out_writes_plan_and_refuses_to_overwrite(tmp_path):
 def test_bad_input_exits_2_with_one_line():
     for args, needle in ((["solve", "--gpus", "12"], "not a multiple of gpus_per_node 8"),
                          (["solve", "--gpus", "8", "--model", "gpt9"], "no such preset"),
-                         (["solve", "--gpus", "8", "--cluster", "local"], "mpplan profile")):
+                         (["solve", "--gpus", "8", "--cluster", "local"], "mpplan profile"),
+                         (["solve", "--gpus", "8", "--seq-len", "-1"], "--seq-len -1: must be positive")):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, res.output
         lines = [ln for ln in res.output.splitlines() if ln.strip()]
