@@ -37,9 +37,7 @@ def demo_command(
         ("3/3 run the chosen plan", ["run", str(plan), "--steps", str(steps), "--report", str(out / "run.json")]),
     ):
         console.rule(title)
-        try:
-            app(args, standalone_mode=False)
-        except typer.Exit as e:
-            if e.exit_code:
-                raise
+        code = app(args, standalone_mode=False)  # returns the command's exit code instead of exiting
+        if code:
+            raise typer.Exit(code)
     console.print(f"profile.json, plan.json and run.json are in {out}")

@@ -105,6 +105,8 @@ def profile_command(
                                     progress=lambda label: bar.update(task, advance=1, description=label))
         except SpecError as e:
             _fail(str(e))
+        except RuntimeError as e:  # a measuring rank failed (its error is in the message and its log)
+            _fail(f"profiling failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}", 1)
     text = profile.to_json()
     try:
         out.write_text(text)

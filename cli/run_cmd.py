@@ -88,6 +88,7 @@ def run_command(
                                                  "instead of seeded synthetic tokens.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and the data.")] = 0,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the run report (JSON) here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --report if it exists.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print only the run report JSON to stdout.")] = False,
     print_launch: Annotated[bool, typer.Option("--print-launch", help="Print the multi-node torchrun and srun "
                                                "lines for this plan instead of running.")] = False,
@@ -110,6 +111,11 @@ def run_command(
     except SpecError as e:
         _fail(str(e), EXIT_BAD_INPUT)
     _check_inputs(plan, plan_path, steps, data)
+    if report is not None:  # checked before a run that may take an hour, not after
+        if report.exists() and not force:
+            _fail(f"--report {report} exists; pass --force to overwrite it", EXIT_BAD_INPUT)
+        if not report.parent.is_dir():
+            _fail(f"--report {report}: no such directory {report.parent}", EXIT_BAD_INPUT)
     world = plan.parallel.world_size
     if print_launch:
         from runtime.launch import launch_commands

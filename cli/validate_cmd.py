@@ -123,7 +123,7 @@ def validate_command(
     ranks: Annotated[int, typer.Option("--ranks", help="Local CPU ranks (one core each: keep <= cores).")] = 2,
     global_batch: Annotated[int, typer.Option("--global-batch", help="Sequences per step.")] = 16,
     steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per plan (median after warm-up).")] = 10,
-    memory_limit: Annotated[Optional[int], typer.Option("--memory-limit", help="Pretend each rank has this many "
+    memory_limit: Annotated[Optional[int], typer.Option("--memory-limit", min=1, help="Pretend each rank has this many "
                                                         "bytes: plans predicted over it are left out, and no "
                                                         "plan run may exceed it.")] = None,
     profile: Annotated[Optional[Path], typer.Option("--profile", help="profile.json to use instead of "
@@ -132,9 +132,9 @@ def validate_command(
                                                          "here.")] = None,
     profile_mbs: Annotated[str, typer.Option("--profile-mbs", help="Micro-batch sizes to profile.")] = "1,2,4",
     profile_tp: Annotated[str, typer.Option("--profile-tp", help="TP degrees to profile.")] = "1,2",
-    tp: Annotated[Optional[int], typer.Option("--tp", help="Pin tensor-parallel degree.")] = None,
-    pp: Annotated[Optional[int], typer.Option("--pp", help="Pin pipeline-parallel degree.")] = None,
-    mbs: Annotated[Optional[int], typer.Option("--mbs", help="Pin micro-batch size.")] = None,
+    tp: Annotated[Optional[int], typer.Option("--tp", min=1, help="Pin tensor-parallel degree.")] = None,
+    pp: Annotated[Optional[int], typer.Option("--pp", min=1, help="Pin pipeline-parallel degree.")] = None,
+    mbs: Annotated[Optional[int], typer.Option("--mbs", min=1, help="Pin micro-batch size.")] = None,
     schedule: Annotated[Optional[Schedule], typer.Option("--schedule", help="Pin the pipeline schedule.")] = None,
     recompute: Annotated[Optional[Recompute], typer.Option("--recompute", help="Pin one recompute mode [default: "
                                                            "each of none, selective, full in turn].")] = None,

@@ -37,9 +37,10 @@ class RuntimeTraits:
 MEGATRON_2021 = RuntimeTraits(flash_attention=False, dropout=True, overlap_grad_reduce=False)
 
 # --- GEMM efficiency ------------------------------------------------------------------------------------------
-# Achieved fraction of the tensor-core peak for a GEMM of shape (M x K) @ (K x N): large GEMMs reach about 85 %
-# (cuBLAS bf16 on A100/H100 peaks at 260-280 of 312 TFLOP/s, NVIDIA's "Matrix multiplication background" guide),
-# and each dimension d loses efficiency as d / (d + GEMM_HALF_DIM) once tiles stop filling the 108-132 SMs and
+# Achieved fraction of the tensor-core peak for a GEMM of shape (M x K) @ (K x N): large GEMMs reach about 85 % at
+# boost clock (cuBLAS bf16 on A100 peaks at 260-280 of 312 TFLOP/s, NVIDIA's "Matrix multiplication background"
+# guide), and sustained training holds the A100 near 1.28 of its 1.41 GHz under the 400 W cap (x 0.91):
+# 0.85 x 0.91 = 0.77. Each dimension d loses efficiency as d / (d + GEMM_HALF_DIM) once tiles stop filling the 108-132 SMs and
 # K-loops get short. GEMM_HALF_DIM = 64 is half of the 128-wide tensor-core tile that cuBLAS uses for large GEMMs.
 GEMM_MAX_EFFICIENCY = 0.77
 GEMM_HALF_DIM = 64

@@ -35,10 +35,14 @@ class ProfiledCosts:
         """Why this (tp, sp, mbs) cannot be priced from the profile, or None."""
         if sp:
             return "sequence parallel was not profiled (the profile measures TP shards without SP)"
-        if self.profile.layer("block", tp, mbs) is None:
-            tps = sorted({lp.tp for lp in self.profile.layers})
-            mbss = sorted({lp.micro_batch_size for lp in self.profile.layers})
-            return f"tp {tp} x mbs {mbs} was not profiled (profiled tp {tps}, mbs {mbss})"
+        for kind in ("block", "embedding", "head"):
+            if self.profile.layer(kind, tp, mbs) is None:
+                tps = sorted({lp.tp for lp in self.profile.layers})
+                mbss = sorted({lp.micro_batch_size for lp in self.profile.layers})
+                return f"{kind} at tp {tp} x mbs {mbs} was not profiled (profiled tp {tps}, mbs {mbss})"
+        missing = set(Recompute) - set(self.profile.layer("block", tp, mbs).activation_bytes)
+        if missing:
+            return f"the profiled block at tp {tp} x mbs {mbs} has no activation bytes for {sorted(missing)}"
         return None
 
     def memory_time_s(self, nbytes: float) -> float:

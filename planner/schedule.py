@@ -21,7 +21,7 @@ gives, which is the order torch 2.13's ``torch.distributed.pipelining`` schedule
 dependencies are done -- F(mb, j) after F(mb, j-1) (+ p2p), B(mb, j) after B(mb, j+1) (+ p2p) and F(mb, j).
 It is exact for that model (no compute/communication contention, sends never block) and O(number of actions):
 each action is visited once; a rank that reaches an action whose input is not ready parks until that input's
-producer finishes. For uniform stages ``uniform_step_time_s`` gives the same answer in O(1) (closed forms below).
+producer finishes. Where a closed form is exact, ``closed_form_step_time_s`` gives the same answer in O(stages) (below).
 """
 from __future__ import annotations
 

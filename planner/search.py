@@ -222,21 +222,24 @@ def _best_mesh_orders(est: Estimator, configs: list[Config], rejected: list[Reje
 
 
 def _drop_needless_zero(candidates: list, rejected: list[Rejected]) -> list:
-    """A higher ZeRO stage only trades communication for memory: when a lower stage of the same configuration
-    already fits with every block in the fastest recompute mode, the higher ones cannot be faster."""
-    fits_fastest: dict[tuple, int] = {}
+    """ZeRO stages that the cost model can never prefer. ZeRO 1 (all-reduce, then an all-gather of the updated
+    shards) moves more data than ZeRO 2 (reduce-scatter + all-gather), shards the optimizer the same way and holds
+    more: it goes wherever ZeRO 2 is a candidate. ZeRO 3 adds per-micro-batch weight gathers to ZeRO 2 with the
+    same optimizer sharding: it goes where ZeRO 2 already fits with every block in the fastest mode.
+    (ZeRO 0 is not dominated: it moves as much as ZeRO 2 but runs the whole optimizer step on every rank.)"""
+    zero2: dict[Config, bool] = {}
     for c, _, problem in candidates:
-        fastest = min(problem.options, key=lambda o: o.time_s)
-        if fits_in_one_mode(problem, fastest):
-            key = replace(c, zero=0)
-            fits_fastest[key] = min(fits_fastest.get(key, 9), c.zero)
+        if c.zero == 2:
+            zero2[replace(c, zero=0)] = fits_in_one_mode(problem, min(problem.options, key=lambda o: o.time_s))
     kept = []
     for item in candidates:
         c = item[0]
-        lowest = fits_fastest.get(replace(c, zero=0), 9)
-        if c.zero > lowest:
-            _dominated(rejected, c, replace(c, zero=lowest), f"zero {lowest} already fits without recompute; "
-                       f"zero {c.zero} only adds communication")
+        key = replace(c, zero=0)
+        if c.zero == 1 and key in zero2:
+            _dominated(rejected, c, replace(c, zero=2), "zero 2 shards the optimizer alike, holds less and moves less")
+        elif c.zero == 3 and zero2.get(key):
+            _dominated(rejected, c, replace(c, zero=2), "zero 2 already fits without recompute; zero 3 only adds "
+                       "weight gathers")
         else:
             kept.append(item)
     return kept
@@ -254,7 +257,7 @@ def fits_in_one_mode(problem: PartitionProblem, option) -> bool:
 
 
 def quick_estimate_s(c: Config, problem: PartitionProblem) -> float:
-    """A cheap guess of the step time, used only to order the ILPs so good plans are found first: an even
+    """A cheap guess of the step time, used to order the candidates (and to cut those past REFINE): an even
     split in the fastest single recompute mode that fits, priced with the uniform-stage bubble
     (Narayanan et al. 2021 eq. for interleaved: (m + (p - 1) / v) micro-batch steps)."""
     t = max(o.time_s for o in problem.options)
@@ -299,7 +302,10 @@ def solve(est: Estimator, pins: Pins = Pins(), top_k: int | None = 5, time_limit
     for _, bound, c, comm, problem in scored:
         if top_k and len(plans) >= top_k:
             if bound < kth:  # the cheap bound does not decide: add the exact least bottleneck under the memory cap
-                bound = time_lower_bound_s(est, c, problem, min_bottleneck_s(problem, kth / c.num_microbatches))
+                # (without the stage hand-offs, which the simulator overlaps rather than adds: a bound must not
+                # count them)
+                floor = min_bottleneck_s(replace(problem, boundary_time_s=0.0), kth / c.num_microbatches)
+                bound = time_lower_bound_s(est, c, problem, floor)
             if bound >= kth:
                 rejected.append(Rejected(config=c.summary(), kind="slower",
                                          reason=f"at least {bound:.3g} s/step, slower than the top {top_k} ({kth:.3g} s)"))
@@ -309,7 +315,20 @@ def solve(est: Estimator, pins: Pins = Pins(), top_k: int | None = 5, time_limit
         if part is None:  # cannot happen after the exact memory check above; kept as a guard
             rejected.append(Rejected(config=c.summary(), kind="oom", reason="no stage partition fits in memory"))
             continue
-        plans.append(build_plan(est, c, part, comm))
+        plan = build_plan(est, c, part, comm)
+        if len(c.recompute) > 1 and plan.recompute != "none":
+            # The mixed problem reserves the transient of a recomputing block's backward; without any recompute
+            # nothing is reserved, so "none everywhere" may fit where the mixed problem said it would not.
+            plain = replace(c, recompute=(Recompute.NONE,))
+            plain_problem = est.partition_problem(plain, comm)
+            if min_rank_memory_bytes(plain_problem) <= plain_problem.memory_cap_bytes:
+                ilp_calls += 1
+                plain_part = solve_partition(plain_problem, time_limit_s=time_limit_s)
+                if plain_part is not None:
+                    other = build_plan(est, plain, plain_part, comm)
+                    if other.predicted.step_time_s < plan.predicted.step_time_s:
+                        plan = other
+        plans.append(plan)
         if top_k and len(plans) >= top_k:
             plans.sort(key=lambda p: p.predicted.step_time_s)
             kth = plans[top_k - 1].predicted.step_time_s

@@ -68,7 +68,9 @@ class SolveRequest:
             return Estimator(self.model, self.cluster, self.train, traits=traits)
         fitted = {(c.op, c.group_size): (c.alpha_s, c.beta_s_per_byte) for c in self.profile.collectives}
         return Estimator(self.model, self.cluster, self.train, costs=ProfiledCosts(self.profile, self.cluster.gpu),
-                         traits=traits, topology=Topology(self.cluster, fitted_costs=fitted),
+                         traits=traits,
+                         topology=Topology(self.cluster, fitted_costs=fitted,
+                                           fitted_time={(c.op, c.group_size): c.time_s for c in self.profile.collectives}),
                          device=self.profile.device.device)
 
 

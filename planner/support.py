@@ -46,12 +46,12 @@ def unsupported_reason(parallel: Parallel, zero: int, schedule: Schedule, num_mi
             # of stages (4)."
             return f"1f1b needs num_microbatches ({num_microbatches}) >= pp ({pp})"
         if schedule == Schedule.INTERLEAVED:
-            # torch 2.13 ScheduleInterleaved1F1B runs rounds of pp micro-batches: rounds = max(1, nmb // pp)
-            # must divide nmb.
+            # torch 2.13 ScheduleInterleaved1F1B runs max(1, nmb // pp) rounds of equal size: that count must
+            # divide nmb.
             rounds = max(1, num_microbatches // pp)
             if num_microbatches % rounds:
                 return (f"interleaved needs num_microbatches ({num_microbatches}) to be a multiple of its "
-                        f"{rounds} rounds of pp ({pp}) micro-batches")
+                        f"{rounds} rounds (nmb // pp, pp = {pp})")
     if zero == 1 and tp > 1:
         # ZeroRedundancyOptimizer partitions and broadcasts plain tensors; measured in tests/distributed it
         # fails on DTensor (tensor-parallel) parameters.

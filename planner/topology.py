@@ -35,7 +35,7 @@ import bisect
 import itertools
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
@@ -193,7 +193,8 @@ class Topology:
     sizes it covers; see `fitted_alpha_beta`.
     """
 
-    def __init__(self, cluster: ClusterSpec, fitted_costs: FittedCosts | None = None):
+    def __init__(self, cluster: ClusterSpec, fitted_costs: FittedCosts | None = None,
+                 fitted_time: Mapping[tuple[str, int], Callable[[float], float]] | None = None):
         self.cluster = cluster
         self.world_size = _world_size(cluster)
         self.gpus_per_node = cluster.gpus_per_node
@@ -206,6 +207,9 @@ class Topology:
         self.inter_latency_s: float = (nx.shortest_path_length(self.template, gpu0, ("gpu", 1, 0), weight="latency_s")
                                        if multi_node else cluster.inter_node.latency_us * 1e-6)
         self._fitted = _index_fitted(fitted_costs or {})
+        self._fitted_time = {(CollectiveOp(op), n): f for (op, n), f in (fitted_time or {}).items()}
+        """Measured time functions (e.g. a profile's piecewise fits) for exact (op, group size) pairs; they win
+        over fitted_costs, which still cover other group sizes by interpolation."""
         self._capacity_cache: dict[int, float] = {}
         self._bandwidth_cache: dict[tuple[GroupShape, int], float] = {}
         self._axis_cache: dict[tuple[int, int, bool], frozenset[GroupShape]] = {}
@@ -301,6 +305,8 @@ class Topology:
             raise ValueError(f"send_recv is between two ranks, not {n}")
         if n == 1 or nbytes <= 0:
             return 0.0
+        if (op, n) in self._fitted_time:
+            return self._fitted_time[op, n](nbytes)
         fitted = self.fitted_alpha_beta(op, n)
         if fitted is not None:
             alpha_s, beta_s_per_byte = fitted

@@ -116,3 +116,13 @@ def test_real_run_on_text_data_writes_the_report(tmp_path):
     assert str(text) in printed["data"]
     assert len(printed["losses"]) == 4 and printed["losses"][-1] < printed["losses"][0]  # English is learnable
     assert printed["plan"]["pp"] == 2 and printed["wrappers"]["pipeline"] == "Schedule1F1B"
+
+
+def test_existing_report_is_not_overwritten_without_force(tmp_path):
+    from tests.distributed.plans import make_plan
+    plan = tmp_path / "plan.json"
+    plan.write_text(make_plan(dp=2, nmb=1).to_json())
+    report = tmp_path / "run.json"
+    report.write_text("mine")
+    res = CliRunner().invoke(app, ["run", str(plan), "--report", str(report)])
+    assert res.exit_code == 2 and "exists" in res.output and report.read_text() == "mine"

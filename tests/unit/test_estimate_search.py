@@ -111,3 +111,13 @@ def test_memory_limit_rejects_what_no_longer_fits():
     small = run_solve(SolveRequest.build(gpus=64, model="gpt3-6.7b", global_batch=256, memory_limit=20 * 10**9),
                       Pins(tp=1, pp=1, zero=0), top_k=1)
     assert not small.plans and all(r.kind in ("oom", "indivisible", "unsupported") for r in small.rejected)
+
+
+def test_pruning_bounds_never_drop_the_best_plan():
+    """The bound that prunes must stay below every plan it could drop: the top plan with pruning equals the
+    top plan of all feasible ones (stage hand-offs, which the simulator overlaps, must not be in the bound)."""
+    req = SolveRequest.build(gpus=64, model="gpt3-13b", global_batch=512)
+    pins = Pins(tp=2, pp=2, zero=0, sp=False)
+    pruned = run_solve(req, pins, top_k=3, exhaustive=True).plans[0]
+    every = min(run_solve(req, pins, top_k=None).plans, key=lambda p: p.predicted.step_time_s)
+    assert pruned.predicted.step_time_s == pytest.approx(every.predicted.step_time_s)

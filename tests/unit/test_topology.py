@@ -233,3 +233,13 @@ def test_16k_gpu_cluster_is_priced_without_building_its_graph():
                     topo.axis_time_s("send_recv", 1e7, order, sizes, axis)
     assert time.perf_counter() - start < 2.0  # measured ~0.01 s; the full graph alone takes ~0.3 s
     assert "graph" not in vars(topo) and topo.template.number_of_nodes() == 2 * (8 + 1 + 8) + 1
+
+
+def test_measured_time_functions_win_for_their_exact_group_size():
+    from planner.specs import load_cluster
+    from planner.topology import Topology
+    topo = Topology(load_cluster("local", 4), fitted_costs={("all_reduce", 2): (1e-3, 1e-9)},
+                    fitted_time={("all_reduce", 2): lambda nbytes: 42.0 + nbytes})
+    assert topo.collective_time_s("all_reduce", 8.0, [0, 1]) == 50.0
+    # other sizes still come from the alpha-beta fits (nearest measured size)
+    assert topo.collective_time_s("all_reduce", 1e6, [0, 1, 2, 3]) == pytest.approx(1e-3 + 1e-9 * 1e6)
