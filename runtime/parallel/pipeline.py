@@ -60,16 +60,16 @@ class PipelineRunner:
     """Runs one training step's forward and backward over the plan's micro-batches through the pipeline."""
 
     def __init__(self, plan: Plan, stages: list[LocalStage], pp_group: dist.ProcessGroup, device: torch.device):
-        self.stages = stages
         pipeline_stages = [PipelineStage(s.module, s.index, plan.parallel.num_stages, device, group=pp_group)
                            for s in stages]
         # mean micro-batch loss: scale_grads=True divides the accumulated grads by the number of micro-batches,
         # so the step's gradient equals the full-batch reference
         if plan.schedule == Schedule.INTERLEAVED:
-            self.schedule = ScheduleInterleaved1F1B(pipeline_stages, plan.num_microbatches, loss_fn=lm_loss)
+            self.schedule = ScheduleInterleaved1F1B(pipeline_stages, plan.num_microbatches, loss_fn=lm_loss,
+                                                    scale_grads=True)
         else:
             (stage,) = pipeline_stages
-            self.schedule = _SCHEDULES[plan.schedule](stage, plan.num_microbatches, loss_fn=lm_loss)
+            self.schedule = _SCHEDULES[plan.schedule](stage, plan.num_microbatches, loss_fn=lm_loss, scale_grads=True)
         self.holds_first = any(s.is_first for s in stages)
         self.holds_last = any(s.is_last for s in stages)
         self.name = type(self.schedule).__name__
