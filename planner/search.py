@@ -163,6 +163,13 @@ def _schedule_reason(schedule: Schedule, pp: int, vpp: int, m: int, layers: int)
     return validate_schedule(schedule, pp, vpp, m)
 
 
+def static_memory_floor_bytes(est: Estimator, c: Config) -> float:
+    """Weights, gradients and optimizer state of an even share of the model on one GPU: no partition holds less
+    on its fullest rank."""
+    w, g, o = est.static_bytes_per_param(c.zero, c.dp)
+    return est.model.total_params / (c.tp * c.pp) * (w + g + o)
+
+
 def time_lower_bound_s(est: Estimator, c: Config, problem: PartitionProblem, bottleneck_s: float = 0.0) -> float:
     """A step can be no faster than the pipeline over perfectly even stages run in the fastest mode: (m + (p-1)/v)
     micro-batch steps of the mean rank's work (the uniform-stage bubble, Narayanan et al. 2021 section 2.2; uneven
@@ -281,7 +288,14 @@ def solve(est: Estimator, pins: Pins = Pins(), top_k: int | None = 5, time_limit
     start = time.perf_counter()
     configs, rejected = enumerate_configs(est, pins)
     candidates = []
+    cap = est.memory_cap_bytes()
     for c in _best_mesh_orders(est, configs, rejected):
+        static = static_memory_floor_bytes(est, c)
+        if static > cap:  # cheaper than building the partition problem, and never wrong: the weights alone
+            rejected.append(Rejected(config=c.summary(), kind="oom", shortfall_bytes=static - cap,
+                                     reason=f"out of memory by at least {(static - cap) / GiB:.2f} GiB per GPU "
+                                            f"(weights, gradients and optimizer state alone)"))
+            continue
         comm = est.comm(c)
         problem = est.partition_problem(c, comm)
         need = min_rank_memory_bytes(problem)
