@@ -163,6 +163,13 @@ def _schedule_reason(schedule: Schedule, pp: int, vpp: int, m: int, layers: int)
     return validate_schedule(schedule, pp, vpp, m)
 
 
+def uniform_pipeline_s(est: Estimator, c: Config, rank_time_s: float) -> float:
+    """(m + (p - 1)/v) micro-batch steps of one rank's time (Narayanan et al. 2021, section 2.2: the bubble of
+    uniform stages) plus the optimizer step of an even share of the model."""
+    return ((c.num_microbatches + (c.pp - 1) / c.vpp) * rank_time_s
+            + est.optimizer_step_s(est.model.total_params / (c.tp * c.pp), c))
+
+
 def static_memory_floor_bytes(est: Estimator, c: Config) -> float:
     """Weights, gradients and optimizer state of an even share of the model on one GPU: no partition holds less
     on its fullest rank."""
@@ -177,9 +184,8 @@ def time_lower_bound_s(est: Estimator, c: Config, problem: PartitionProblem, bot
     partition_bounds.min_bottleneck_s under the memory cap), plus the optimizer step of an even share."""
     fastest = min(o.time_s for o in problem.options)
     work = problem.num_blocks * fastest + problem.first_time_s + problem.last_time_s
-    pipeline = max((c.num_microbatches + (c.pp - 1) / c.vpp) * work / c.pp, c.num_microbatches * bottleneck_s)
-    total_params = est.model.total_params / (c.tp * c.pp)
-    return pipeline + est.optimizer_step_s(total_params, c)
+    return max(uniform_pipeline_s(est, c, work / c.pp),
+               c.num_microbatches * bottleneck_s + uniform_pipeline_s(est, c, 0.0))
 
 
 SHORTLIST_FACTOR, SHORTLIST_MIN = 4, 16  # partition + simulate at most max(4 k, 16) candidates
@@ -201,8 +207,7 @@ def _screen(est: Estimator, scored: list, rejected: list[Rejected], keep: int) -
         base, extra = divmod(problem.num_blocks, c.pp)
         slowest = max(rank_time_floor_s(problem, [j for j in range(problem.num_stages) if problem.stage_rank[j] == r],
                                         base + (r < extra)) for r in range(c.pp))
-        total_params = est.model.total_params / (c.tp * c.pp)
-        guess = (c.num_microbatches + (c.pp - 1) / c.vpp) * slowest + est.optimizer_step_s(total_params, c)
+        guess = uniform_pipeline_s(est, c, slowest)
         refined.append((guess, bound, c, comm, problem))
     refined.sort(key=lambda x: x[0])
     for guess, _, c, _, _ in refined[keep:]:
@@ -357,11 +362,8 @@ def solve(est: Estimator, pins: Pins = Pins(), top_k: int | None = 5, time_limit
 
 
 def build_plan(est: Estimator, c: Config, part: PartitionResult, comm) -> Plan:
-    stages, first = [], 0
-    for counts in part.counts:
-        n = sum(counts.values())
-        stages.append(StagePlan(layers=(first, first + n), recompute={m: k for m, k in counts.items() if k}))
-        first += n
+    stages = [StagePlan(layers=layers, recompute={m: k for m, k in counts.items() if k})
+              for layers, counts in zip(part.block_ranges(), part.counts)]
     used = {m for counts in part.counts for m, k in counts.items() if k}
     summary = str(next(iter(used))) if len(used) == 1 else ("none" if not used else "mixed")
     return Plan(model=est.model, cluster=est.cluster, train=est.train,

@@ -100,7 +100,8 @@ def run_rank(job: Job, teardown: bool = True) -> list[dict] | None:
     return reports if rank == 0 else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback for a local rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -159,7 +160,7 @@ def spawn_local(job: Job, world_size: int, log_dir: Path | None = None, timeout_
     job = Job(**{**asdict(job), "result_path": str(result_path)})
     job_path.write_text(json.dumps(asdict(job)))
     result_path.unlink(missing_ok=True)
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     try:
         for rank in range(world_size):

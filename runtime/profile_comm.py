@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import queue
-import socket
 import statistics
 import time
 import traceback
@@ -56,12 +55,6 @@ def group_sizes(ranks: int) -> list[int]:
     return sorted({*sizes, ranks} - {1})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig = CommConfig(),
                         on_done: Callable[[str], None] | None = None) -> list[CollectiveFit]:
     """Spawn ``ranks`` processes, time every op at every group size, fit each. ``on_done(label)`` is called
@@ -70,7 +63,9 @@ def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig 
         return []
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    from runtime.launch import free_port
+
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(rank, ranks, port, device, config, results), daemon=True)
              for rank in range(ranks)]
     for p in procs:
