@@ -2,6 +2,7 @@
 per-rank memory broken down, the pipeline simulated over the uneven stages, communication over the topology."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -35,6 +36,8 @@ CUDA_FIXED_RESERVE_BYTES = 2 * GiB
 # PyTorch's caching allocator rounds and fragments: 5 % of what we allocate is held on top (the gap between
 # max_memory_allocated and max_memory_reserved in long runs, Megatron-LM's memory report).
 FRAGMENTATION = 0.05
+# torch DDP's default bucket_cap_mb (25 MiB): gradients are all-reduced in buckets of this size.
+DDP_BUCKET_BYTES = 25 * 2**20
 
 
 def recompute_transient_bytes(block: LayerCost, mode: Recompute) -> float:
@@ -156,16 +159,21 @@ class Estimator:
         rank_params = self.rank_params_upper(c)
         grad_bytes = rank_params * (self.traits.grad_reduce_bytes or self.train.grad_bytes)
         weight_bytes = rank_params * self.train.weight_bytes
+        # Each collective pays its latency: DDP reduces gradients in buckets of DDP_BUCKET_BYTES, FSDP2 gathers and
+        # reduce-scatters once per wrapped unit (every block on the rank, plus the root with embedding/head).
+        def split(op: str, nbytes: float, pieces: int) -> float:
+            return pieces * along(MeshAxis.DP, op, nbytes / pieces)
+
         if c.zero <= 1:
-            dp_step = along(MeshAxis.DP, "all_reduce", grad_bytes)
+            dp_step = split("all_reduce", grad_bytes, max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)))
             if c.zero == 1:  # updated shards are gathered back after the sharded optimizer step
                 dp_step += along(MeshAxis.DP, "all_gather", weight_bytes)
-        else:
-            dp_step = (along(MeshAxis.DP, "reduce_scatter", grad_bytes)
-                       + along(MeshAxis.DP, "all_gather", weight_bytes))
+        units = -(-self.model.num_layers // c.pp) + 1
+        if c.zero >= 2:
+            dp_step = split("reduce_scatter", grad_bytes, units) + split("all_gather", weight_bytes, units)
         per_mb = 0.0
         if c.zero == 3:  # weights re-gathered for forward and again for backward of every later micro-batch
-            per_mb = 2 * along(MeshAxis.DP, "all_gather", weight_bytes) * (c.num_microbatches > 1)
+            per_mb = 2 * split("all_gather", weight_bytes, units) * (c.num_microbatches > 1)
         return Comm(tp_block_fwd_s=tp_block, tp_block_bwd_s=tp_block, tp_edge_fwd_s=one if c.tp > 1 else 0.0,
                     p2p_s=p2p, dp_step_s=dp_step, dp_per_microbatch_s=per_mb)
 
