@@ -60,13 +60,18 @@ def summary_tables(profile: Profile) -> list[Table]:
         layers.add_row(lp.kind, str(lp.tp), str(lp.micro_batch_size), f"{lp.fwd_s * 1e3:.3f} ({lp.fwd_cv:.0%})",
                        f"{lp.bwd_s * 1e3:.3f} ({lp.bwd_cv:.0%})", extra, f"{lp.params:,}", acts)
     comms = Table(title="collectives: time = alpha + beta * bytes", title_justify="left")
-    for col in ("op", "ranks", "alpha us", "GB/s", "pieces", "fit err", "held-out err"):
+    for col in ("op", "ranks", "alpha us", "GB/s", "pieces", "fit err max", "held-out err median/max"):
         comms.add_column(col, justify="left" if col == "op" else "right")
     for c in profile.collectives:
         rate = f"{1e-9 / c.beta_s_per_byte:.2f}" if c.beta_s_per_byte > 0 else "-"
         comms.add_row(c.op, str(c.group_size), f"{c.alpha_s * 1e6:.0f}", rate, str(max(1, len(c.pieces))),
-                      f"{c.max_rel_error:.0%}", f"{c.holdout_rel_error:.0%}")
+                      f"{c.max_rel_error:.0%}", _held_out(c))
     return [layers, comms]
+
+
+def _held_out(fit) -> str:
+    median = "-" if fit.holdout_median_rel_error is None else f"{fit.holdout_median_rel_error:.0%}"
+    return f"{median}/{fit.holdout_rel_error:.0%}"
 
 
 def profile_command(

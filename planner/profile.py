@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -75,10 +76,12 @@ class CollectiveFit(Strict):
     """Largest |fit - measured| / measured over ``points``."""
     holdout_rel_error: float = Field(ge=0)
     """Largest relative error on message sizes measured but kept out of the fit."""
+    holdout_median_rel_error: float | None = Field(default=None, ge=0)
+    """Median relative error on the held-out sizes (None in profiles written before it was recorded)."""
     holdout_points: list[tuple[int, float]] = []
     """The held-out (nbytes, median seconds)."""
     pieces: list[AlphaBetaPiece] = []
-    """Piecewise alpha-beta (at most 3 pieces) where one line does not fit: on CPUs a message that fits in cache
+    """Piecewise alpha-beta (at most 4 pieces) where one line does not fit: on CPUs a message that fits in cache
     moves several times faster per byte than one that does not. time_s uses them when present; alpha_s and
     beta_s_per_byte stay the single-line fit over all sizes."""
 
@@ -214,28 +217,29 @@ def max_rel_error(alpha: float, beta: float, points: Sequence[tuple[float, float
     return max((abs(alpha + beta * n - t) / t for n, t in points), default=0.0)
 
 
-def fit_pieces(points: Sequence[tuple[float, float]], max_pieces: int = 3,
-               good_enough: float = 0.1) -> list[AlphaBetaPiece]:
+def fit_pieces(points: Sequence[tuple[float, float]], max_pieces: int = 4) -> list[AlphaBetaPiece]:
     """Split the size-sorted points into at most ``max_pieces`` runs of >= 2 (>= 3 for the first, whose alpha
-    is the latency) and fit each by fit_alpha_beta. Fewest pieces whose largest relative error is within
-    ``good_enough``, else the split with the smallest error. A boundary sits at the geometric middle of the two
-    measured sizes around it. One piece means no split: returns []."""
+    is the latency), fit each by fit_alpha_beta, and keep the split with the lowest Bayesian information
+    criterion n ln(SSE/n) + 2k ln(n) over the relative squared error SSE (Schwarz 1978; k pieces of 2 parameters):
+    a piece more must explain a real knee (a cache or protocol threshold), not the scatter of a noisy point.
+    Judging splits by their worst point instead let one noisy small size decide, and missed the knees. A boundary
+    sits at the geometric middle of the two measured sizes around it. One piece means no split: returns []."""
     pts = sorted(points)
-    best: tuple[float, int, list[AlphaBetaPiece]] | None = None
+    n = len(pts)
+    best: tuple[float, list[AlphaBetaPiece]] | None = None
     for count in range(1, max_pieces + 1):
-        for cuts in _cuts(len(pts), count):
-            pieces, worst = [], 0.0
-            for lo, hi in zip((0, *cuts), (*cuts, len(pts))):
+        for cuts in _cuts(n, count):
+            pieces, sse = [], 0.0
+            for lo, hi in zip((0, *cuts), (*cuts, n)):
                 alpha, beta = fit_alpha_beta(pts[lo:hi])
                 start = 0 if lo == 0 else round(math.sqrt(pts[lo - 1][0] * pts[lo][0]))
                 pieces.append(AlphaBetaPiece(from_bytes=start, alpha_s=alpha, beta_s_per_byte=beta))
-                worst = max(worst, max_rel_error(alpha, beta, pts[lo:hi]))
-            if best is None or worst < best[0]:
-                best = (worst, count, pieces)
-        if best is not None and best[0] <= good_enough:
-            break
+                sse += sum(((alpha + beta * x - t) / t) ** 2 for x, t in pts[lo:hi])
+            bic = n * math.log(sse / n + 1e-12) + 2 * count * math.log(n)
+            if best is None or bic < best[0]:
+                best = (bic, pieces)
     assert best is not None
-    return best[2] if best[1] > 1 else []
+    return best[1] if len(best[1]) > 1 else []
 
 
 def _cuts(n: int, count: int, first_min: int = 3, min_len: int = 2) -> list[tuple[int, ...]]:
@@ -251,7 +255,7 @@ def _cuts(n: int, count: int, first_min: int = 3, min_len: int = 2) -> list[tupl
 
 def fit_collective(op: CollectiveOp, group_size: int, points: Sequence[tuple[int, float]],
                    holdout: Sequence[tuple[int, float]] = ()) -> CollectiveFit:
-    """Fit ``points`` (one alpha-beta line, and pieces where one line is off by more than 10 %); report the
+    """Fit ``points`` (one alpha-beta line, and pieces where the data show a knee); report the
     error there and on the ``holdout`` sizes kept out of the fit."""
     for n, t in [*points, *holdout]:
         if not (t > 0 and math.isfinite(t)):
@@ -260,8 +264,11 @@ def fit_collective(op: CollectiveOp, group_size: int, points: Sequence[tuple[int
     fit = CollectiveFit(op=op, group_size=group_size, alpha_s=alpha, beta_s_per_byte=beta,
                         points=[(int(n), float(t)) for n, t in points], max_rel_error=0.0, holdout_rel_error=0.0,
                         holdout_points=[(int(n), float(t)) for n, t in holdout], pieces=fit_pieces(points))
-    return fit.model_copy(update={"max_rel_error": _rel_error(fit, points), "holdout_rel_error": _rel_error(fit, holdout)})
+    held = _rel_errors(fit, holdout)
+    return fit.model_copy(update={"max_rel_error": max(_rel_errors(fit, points), default=0.0),
+                                  "holdout_rel_error": max(held, default=0.0),
+                                  "holdout_median_rel_error": statistics.median(held) if held else None})
 
 
-def _rel_error(fit: CollectiveFit, points: Sequence[tuple[float, float]]) -> float:
-    return max((abs(fit.time_s(n) - t) / t for n, t in points), default=0.0)
+def _rel_errors(fit: CollectiveFit, points: Sequence[tuple[float, float]]) -> list[float]:
+    return [abs(fit.time_s(n) - t) / t for n, t in points]

@@ -2,20 +2,23 @@
 
 ``measure_collectives(ranks=2)`` spawns ``ranks`` processes that meet over 127.0.0.1, times all_reduce (SUM),
 all_gather, reduce_scatter (SUM) and a send/recv ping-pong over geometric message sizes, for every group size
-2, 4, ... up to ``ranks`` (and ``ranks`` itself), and fits ``time = alpha + beta * nbytes`` to every other size;
-the sizes in between are held out and report how well the fit predicts sizes it never saw.
+2, 4, ... up to ``ranks`` (and ``ranks`` itself), and fits ``time = alpha + beta * nbytes`` (piecewise where the
+data show a knee) to the powers of two from 1 KiB to 64 MiB; extra sizes at 1.5 x 4^k KiB, between the grid
+points, are measured the same way but held out of the fit and report how well it predicts sizes it never saw.
 
-Timing: ``rounds`` passes over all ops and sizes; in each, after a barrier and a warm-up call, every call is
-timed on its own (back to back, so the collectives keep the ranks in step); a call's time is the slowest rank's,
-and the point is the median over the calls of all passes. Averaging
-many calls per sample instead was wrong here: 1 call in 5-10 on this VM stalls ~4 ms for a scheduler tick, and a
-mean carries those stalls while a median of single calls reports the common case.
+Timing: ``rounds`` passes; each pass visits every (op, size) once in a shuffled order (the same on every rank),
+and times a share of that size's calls, each call on its own after a barrier and a warm-up call; a call's time is
+the slowest rank's, and the point is the median over the calls of all passes. On this 2-vCPU VM gloo calls stall
+for ~4 ms in spells (10-50 % of calls for a second or more, then none): visiting sizes in order let one spell
+bend several neighbouring sizes, which the fit then took for a knee; the shuffle spreads each spell thinly over
+all sizes. A median of single calls, not a mean, reports the common case.
 """
 from __future__ import annotations
 
 import math
 import multiprocessing as mp
 import queue
+import random
 import statistics
 import time
 import traceback
@@ -33,20 +36,29 @@ class CommConfig:
     max_bytes: int = 64 << 20
     warmup_calls: int = 1
     """Untimed calls before each (op, size) in each round."""
-    rounds: int = 3
-    """Passes over all ops and sizes; a point pools its calls from every pass, minutes-apart spells of a shared
-    machine then touch every size alike."""
-    sample_bytes: int = 8 << 20
-    """Each size is timed over calls moving about this many bytes in all: 40 calls up to 256 KiB, 6 from 2 MiB."""
+    rounds: int = 6
+    """Passes over all ops and sizes, each in a shuffled order."""
+    sample_bytes: int = 32 << 20
+    """Each size is timed over calls moving about this many bytes in all, within [min_calls, max_calls]."""
+    min_calls: int = 12
+    max_calls: int = 120
     timeout_s: float = 300.0
 
     def sizes(self) -> list[int]:
-        """Powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17 sizes)."""
+        """Powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17 sizes), the sizes fitted."""
         lo, hi = int(math.log2(self.min_bytes)), int(math.log2(self.max_bytes))
         return [1 << e for e in range(lo, hi + 1)]
 
+    def holdout_sizes(self) -> list[int]:
+        """1.5 x 4^k times min_bytes below max_bytes (1.5 KiB, 6 KiB .. 24 MiB: 8 sizes), measured, not fitted."""
+        out, n = [], self.min_bytes * 3 // 2
+        while n < self.max_bytes:
+            out.append(n)
+            n *= 4
+        return out
+
     def calls_per_size(self, nbytes: int) -> int:
-        return max(5, min(40, self.sample_bytes // max(nbytes, 1)))
+        return max(self.min_calls, min(self.max_calls, self.sample_bytes // max(nbytes, 1)))
 
 
 def group_sizes(ranks: int) -> list[int]:
@@ -99,15 +111,9 @@ def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig 
             if p.is_alive():
                 p.terminate()
                 p.join()
-    return [_fit(op, group, points) for (op, group), points in raw.items()]
-
-
-def _fit(op: CollectiveOp, group: int, points: list[tuple[int, float]]) -> CollectiveFit:
-    """Fit on every other size (both ends included when the count is odd), hold out the ones between."""
-    fit_points, holdout = points[0::2], points[1::2]
-    if len(fit_points) < 2:
-        fit_points, holdout = points, []
-    return fit_collective(op, group, fit_points, holdout)
+    grid = set(config.sizes())
+    return [fit_collective(op, group, [p for p in points if p[0] in grid], [p for p in points if p[0] not in grid])
+            for (op, group), points in raw.items()]
 
 
 # ----------------------------------------------------------------------------------------------- in a rank
@@ -131,13 +137,14 @@ def _worker(rank: int, world: int, port: int, device: str, config: CommConfig, r
             moved: dict[tuple[str, int], int] = {}
             for round_ in range(config.rounds):
                 if rank in members:
-                    bench.run_round(ops, group, pg, times, moved)
+                    bench.run_round(ops, group, pg, times, moved, seed=group * 1000 + round_)
                 dist.barrier()
                 if rank == 0:
                     results.put(("progress", f"collectives x{group} round {round_ + 1}/{config.rounds}"))
             if rank in members:
                 for op in ops:
-                    points = [(moved[(op, n)], bench.median_of_slowest(times[(op, n)], pg)) for n in config.sizes()]
+                    points = [(n, bench.median_of_slowest(times[(op, n)], pg)) for n in bench.all_sizes()]
+                    points = [(moved[(op, n)], t) for n, t in points]
                     if rank == 0:
                         results.put(("points", op, group, points))
             dist.barrier()
@@ -160,22 +167,27 @@ class _RankBench:
         self.all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self.reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-    def run_round(self, ops: list[CollectiveOp], group: int, pg, times: dict, moved: dict) -> None:
-        """One round: every op at every size, calls(size) / rounds calls each, each call timed on its own."""
-        for op in ops:
-            for nbytes in self.config.sizes():
-                call, moved[(op, nbytes)] = self._call(op, group, pg, nbytes)
-                per_round = max(2, -(-self.config.calls_per_size(nbytes) // self.config.rounds))
-                self.dist.barrier(group=pg)
-                for _ in range(self.config.warmup_calls):
-                    call()
-                bucket = times.setdefault((op, nbytes), [])
-                for _ in range(per_round):
-                    self.sync()
-                    t0 = time.perf_counter()
-                    call()
-                    self.sync()
-                    bucket.append(time.perf_counter() - t0)
+    def all_sizes(self) -> list[int]:
+        return sorted({*self.config.sizes(), *self.config.holdout_sizes()})
+
+    def run_round(self, ops: list[CollectiveOp], group: int, pg, times: dict, moved: dict, seed: int) -> None:
+        """One round: every (op, size) in an order shuffled by ``seed`` (so the same on every rank),
+        calls(size) / rounds calls each, each call timed on its own."""
+        visits = [(op, nbytes) for op in ops for nbytes in self.all_sizes()]
+        random.Random(seed).shuffle(visits)
+        for op, nbytes in visits:
+            call, moved[(op, nbytes)] = self._call(op, group, pg, nbytes)
+            per_round = max(2, -(-self.config.calls_per_size(nbytes) // self.config.rounds))
+            self.dist.barrier(group=pg)
+            for _ in range(self.config.warmup_calls):
+                call()
+            bucket = times.setdefault((op, nbytes), [])
+            for _ in range(per_round):
+                self.sync()
+                t0 = time.perf_counter()
+                call()
+                self.sync()
+                bucket.append(time.perf_counter() - t0)
 
     def median_of_slowest(self, times: list[float], pg) -> float:
         """A call's time is the slowest rank's; the point is the median over the calls."""
