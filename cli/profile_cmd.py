@@ -60,11 +60,11 @@ def summary_tables(profile: Profile) -> list[Table]:
         layers.add_row(lp.kind, str(lp.tp), str(lp.micro_batch_size), f"{lp.fwd_s * 1e3:.3f} ({lp.fwd_cv:.0%})",
                        f"{lp.bwd_s * 1e3:.3f} ({lp.bwd_cv:.0%})", extra, f"{lp.params:,}", acts)
     comms = Table(title="collectives: time = alpha + beta * bytes", title_justify="left")
-    for col in ("op", "ranks", "alpha us", "GB/s", "pieces", "fit err max", "held-out err median/max"):
+    for col in ("op", "ranks", "alpha us", "stall us", "GB/s", "pieces", "fit err max", "held-out err median/max"):
         comms.add_column(col, justify="left" if col == "op" else "right")
     for c in profile.collectives:
         rate = f"{1e-9 / c.beta_s_per_byte:.2f}" if c.beta_s_per_byte > 0 else "-"
-        comms.add_row(c.op, str(c.group_size), f"{c.alpha_s * 1e6:.0f}", rate, str(max(1, len(c.pieces))),
+        comms.add_row(c.op, str(c.group_size), f"{c.alpha_s * 1e6:.0f}", f"{c.stall_s * 1e6:.0f}", rate, str(max(1, len(c.pieces))),
                       f"{c.max_rel_error:.0%}", _held_out(c))
     return [layers, comms]
 
@@ -95,7 +95,7 @@ def profile_command(
     try:
         spec = load_model(model, seq_len)
         micro_batch_sizes, tp_degrees = parse_int_list("--mbs", mbs), parse_int_list("--tp", tp)
-        from runtime.profile import check_request, count_steps, profile_model  # torch only from here on
+        from runtime.profile import check_request, count_steps, profile_model, tp_blocks_to_time  # torch from here
 
         check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
     except SpecError as e:
@@ -104,7 +104,8 @@ def profile_command(
     busy_warning(console)
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not console.is_terminal, transient=True) as bar:
-        task = bar.add_task(f"profiling {spec.name}", total=count_steps(ranks))
+        task = bar.add_task(f"profiling {spec.name}", total=count_steps(
+            ranks, tp_to_time=tp_blocks_to_time(device, tp_degrees, ranks)))
         try:
             profile = profile_model(spec, device, micro_batch_sizes, tp_degrees, ranks,
                                     progress=lambda label: bar.update(task, advance=1, description=label))

@@ -85,6 +85,15 @@ class CollectiveFit(Strict):
     moves several times faster per byte than one that does not. time_s uses them when present; alpha_s and
     beta_s_per_byte stay the single-line fit over all sizes."""
 
+    stall_s: float = Field(default=0.0, ge=0)
+    """Mean minus median seconds per call, typical over sizes up to 1 MiB: what this machine's scheduling stalls
+    add to a call on average (gloo on this 2-vCPU VM: 10-50 % of calls wait ~4 ms). The fit describes the common
+    call; a step that makes many calls pays the mean, so the planner prices each call at time_s + stall_s."""
+
+    def expected_s(self, nbytes: float) -> float:
+        """Mean seconds of one call: the fitted common case plus the stall a call pays on average."""
+        return self.time_s(nbytes) + self.stall_s
+
     def time_s(self, nbytes: float) -> float:
         """Predicted seconds for a message of ``nbytes`` (by the op's nbytes convention)."""
         alpha, beta = self.alpha_s, self.beta_s_per_byte
@@ -92,6 +101,18 @@ class CollectiveFit(Strict):
             if nbytes >= piece.from_bytes:
                 alpha, beta = piece.alpha_s, piece.beta_s_per_byte
         return alpha + beta * nbytes
+
+
+class TPBlockTiming(Strict):
+    """One transformer block as the runtime runs it at TP degree ``tp`` > 1: DTensor-sharded over tp local ranks,
+    its collectives and DTensor's dispatch included (runtime/profile_tp.py). Medians; the slowest rank's."""
+
+    tp: int = Field(gt=1)
+    micro_batch_size: int = Field(gt=0)
+    fwd_s: float = Field(ge=0)
+    bwd_s: float = Field(ge=0)
+    fwd_cv: float = Field(ge=0)
+    bwd_cv: float = Field(ge=0)
 
 
 class DeviceInfo(Strict):
@@ -148,12 +169,20 @@ class Profile(Strict):
     optimizer_bytes_per_param: int = Field(gt=0)
     """AdamW state per parameter, measured from a real step (plus the fp32 master copy under bf16)."""
     runtime: RuntimeCalibration | None = None
+    tp_blocks: list[TPBlockTiming] = []
+    """Blocks timed as run under tensor parallelism (CPU: every profiled tp > 1 that fits in ``ranks``)."""
     """Overheads of mpplan's own runtime on this machine; None in profiles taken without calibration runs."""
 
     def layer(self, kind: LayerKind, tp: int, micro_batch_size: int) -> LayerProfile | None:
         for lp in self.layers:
             if lp.kind == kind and lp.tp == tp and lp.micro_batch_size == micro_batch_size:
                 return lp
+        return None
+
+    def tp_block(self, tp: int, micro_batch_size: int) -> TPBlockTiming | None:
+        for t in self.tp_blocks:
+            if t.tp == tp and t.micro_batch_size == micro_batch_size:
+                return t
         return None
 
     def collective(self, op: CollectiveOp, group_size: int) -> CollectiveFit | None:
@@ -254,7 +283,7 @@ def _cuts(n: int, count: int, first_min: int = 3, min_len: int = 2) -> list[tupl
 
 
 def fit_collective(op: CollectiveOp, group_size: int, points: Sequence[tuple[int, float]],
-                   holdout: Sequence[tuple[int, float]] = ()) -> CollectiveFit:
+                   holdout: Sequence[tuple[int, float]] = (), stall_s: float = 0.0) -> CollectiveFit:
     """Fit ``points`` (one alpha-beta line, and pieces where the data show a knee); report the
     error there and on the ``holdout`` sizes kept out of the fit."""
     for n, t in [*points, *holdout]:
@@ -263,7 +292,8 @@ def fit_collective(op: CollectiveOp, group_size: int, points: Sequence[tuple[int
     alpha, beta = fit_alpha_beta(points)
     fit = CollectiveFit(op=op, group_size=group_size, alpha_s=alpha, beta_s_per_byte=beta,
                         points=[(int(n), float(t)) for n, t in points], max_rel_error=0.0, holdout_rel_error=0.0,
-                        holdout_points=[(int(n), float(t)) for n, t in holdout], pieces=fit_pieces(points))
+                        holdout_points=[(int(n), float(t)) for n, t in holdout], pieces=fit_pieces(points),
+                        stall_s=stall_s)
     held = _rel_errors(fit, holdout)
     return fit.model_copy(update={"max_rel_error": max(_rel_errors(fit, points), default=0.0),
                                   "holdout_rel_error": max(held, default=0.0),

@@ -3,6 +3,7 @@ roofline, so the search cannot tell them apart. Collectives measured there repla
 topology (planner/topology.py, fitted_costs)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 from planner.costmodel import LayerCost
@@ -64,9 +65,18 @@ class ProfiledCosts:
         return lp
 
     def _block(self, tp: int, sp: bool, mbs: int) -> LayerCost:
-        cost = self._cost(self._layer("block", tp, mbs), 2)
+        shard = self._layer("block", tp, mbs)
+        cost = self._cost(shard, 2)
         if Recompute.NONE not in cost.recompute_extra_s:
             cost.recompute_extra_s[Recompute.NONE] = 0.0
+        real = self.profile.tp_block(tp, mbs)
+        if real is not None:
+            # Timed as the runtime runs it (DTensor over tp ranks, collectives inside): the measurement wins over
+            # shard + fitted collectives, which missed DTensor's dispatch. Full recompute repeats the real forward.
+            extra = dict(cost.recompute_extra_s)
+            if Recompute.FULL in extra:
+                extra[Recompute.FULL] += max(0.0, real.fwd_s - shard.fwd_s)
+            cost = replace(cost, fwd_s=real.fwd_s, bwd_s=real.bwd_s, tp_collectives=0, recompute_extra_s=extra)
         return cost
 
     def _embedding(self, tp: int, sp: bool, mbs: int) -> LayerCost:

@@ -24,6 +24,7 @@ from planner.profile import DeviceInfo, LayerKind, Profile
 from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CommConfig, group_sizes, measure_collectives
 from runtime.profile_runtime import calibrate_runtime
+from runtime.profile_tp import measure_tp_blocks
 from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, matmul_tflops, measure_layers,
                                     optimizer_bytes_per_param)
 
@@ -33,9 +34,16 @@ Progress = Callable[[str], None]
 """Called with a short label each time one step (a layer case, a collective) is done."""
 
 
-def count_steps(ranks: int, timing: TimingConfig = TimingConfig(), comm: CommConfig = CommConfig()) -> int:
+def tp_blocks_to_time(device: str, tp_degrees: Sequence[int], ranks: int) -> list[int]:
+    """TP degrees whose DTensor block is timed on spawned ranks: CPU only (on CUDA the shard + fitted NCCL
+    collectives stand), those > 1 that ``ranks`` local ranks can hold."""
+    return sorted(t for t in set(tp_degrees) if 1 < t <= ranks) if device == "cpu" else []
+
+
+def count_steps(ranks: int, timing: TimingConfig = TimingConfig(), comm: CommConfig = CommConfig(),
+                tp_to_time: Sequence[int] = ()) -> int:
     """How many times profile_model calls its progress callback (for a progress bar's total)."""
-    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + 1
+    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + len(tp_to_time) + 1
 
 
 def check_request(spec: ModelSpec, device: str, micro_batch_sizes: Sequence[int], tp_degrees: Sequence[int],
@@ -103,6 +111,8 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
         optimizer_bytes = optimizer_bytes_per_param(mixed_precision=device == "cuda")
         step("device")
     collectives = measure_collectives(ranks, device, comm, on_done=step)
+    tp_blocks = [t for tp in tp_blocks_to_time(device, tp_degrees, ranks)
+                 for t in measure_tp_blocks(spec, tp, micro_batch_sizes, timing, on_done=step)]
     precision = Precision.BF16 if device == "cuda" else Precision.FP32
     runtime = None
     if calibrate and any(lp.tp == 1 for lp in layers):
@@ -110,4 +120,4 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
             runtime = calibrate_runtime(spec, layers, precision, device, optimizer_bytes)
     step("runtime calibration")
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
-                   optimizer_bytes_per_param=optimizer_bytes, runtime=runtime)
+                   optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks)

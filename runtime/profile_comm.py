@@ -11,7 +11,8 @@ and times a share of that size's calls, each call on its own after a barrier and
 the slowest rank's, and the point is the median over the calls of all passes. On this 2-vCPU VM gloo calls stall
 for ~4 ms in spells (10-50 % of calls for a second or more, then none): visiting sizes in order let one spell
 bend several neighbouring sizes, which the fit then took for a knee; the shuffle spreads each spell thinly over
-all sizes. A median of single calls, not a mean, reports the common case.
+all sizes. The fit is to the median of single calls, the common case; how much the mean exceeds it (stall_of)
+is kept beside the fit, since a step that makes many calls pays the mean.
 """
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig 
             if kind == "error":
                 raise RuntimeError(f"collective benchmark rank {msg[1]} failed: {msg[2]}")
             if kind == "points":
-                _, op, group, points = msg
-                raw[(op, group)] = points
+                _, op, group, points, stall = msg
+                raw[(op, group)] = (points, stall)
             if kind == "done":
                 break
     finally:
@@ -112,8 +113,20 @@ def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig 
                 p.terminate()
                 p.join()
     grid = set(config.sizes())
-    return [fit_collective(op, group, [p for p in points if p[0] in grid], [p for p in points if p[0] not in grid])
-            for (op, group), points in raw.items()]
+    return [fit_collective(op, group, [p for p in points if p[0] in grid], [p for p in points if p[0] not in grid],
+                           stall_s=stall) for (op, group), (points, stall) in raw.items()]
+
+
+STALL_MAX_BYTES = 1 << 20
+"""Sizes whose mean - median estimates the stall: above ~1 MiB a call's own spread swamps it."""
+
+
+def stall_of(stats: dict[int, tuple[float, float]]) -> float:
+    """The typical (median) mean - median per call over sizes up to STALL_MAX_BYTES, floored at 0; measured here
+    it is about constant per op below 1 MiB (all_reduce ~1 ms, reduce_scatter ~0.8, all_gather and send/recv
+    ~0.3) and the same in repeated runs."""
+    excess = [mean - median for n, (median, mean) in stats.items() if n <= STALL_MAX_BYTES]
+    return max(0.0, statistics.median(excess)) if excess else 0.0
 
 
 # ----------------------------------------------------------------------------------------------- in a rank
@@ -143,10 +156,10 @@ def _worker(rank: int, world: int, port: int, device: str, config: CommConfig, r
                     results.put(("progress", f"collectives x{group} round {round_ + 1}/{config.rounds}"))
             if rank in members:
                 for op in ops:
-                    points = [(n, bench.median_of_slowest(times[(op, n)], pg)) for n in bench.all_sizes()]
-                    points = [(moved[(op, n)], t) for n, t in points]
+                    stats = {n: bench.slowest_stats(times[(op, n)], pg) for n in bench.all_sizes()}
+                    points = [(moved[(op, n)], median) for n, (median, _) in stats.items()]
                     if rank == 0:
-                        results.put(("points", op, group, points))
+                        results.put(("points", op, group, points, stall_of(stats)))
             dist.barrier()
         if rank == 0:
             results.put(("done",))
@@ -189,11 +202,12 @@ class _RankBench:
                 self.sync()
                 bucket.append(time.perf_counter() - t0)
 
-    def median_of_slowest(self, times: list[float], pg) -> float:
-        """A call's time is the slowest rank's; the point is the median over the calls."""
+    def slowest_stats(self, times: list[float], pg) -> tuple[float, float]:
+        """A call's time is the slowest rank's; (median, mean) over the calls."""
         slowest = self.torch.tensor(times, dtype=self.torch.float64, device=self.device)
         self.dist.all_reduce(slowest, op=self.dist.ReduceOp.MAX, group=pg)
-        return statistics.median(slowest.tolist())
+        calls = slowest.tolist()
+        return statistics.median(calls), statistics.fmean(calls)
 
     def _call(self, op: CollectiveOp, group: int, pg, nbytes: int) -> tuple[Callable[[], None], int]:
         """The call for one sample and the bytes it moves (by the convention in planner/profile.py)."""

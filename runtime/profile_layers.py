@@ -62,7 +62,7 @@ def check_tp(spec: ModelSpec, tp: int) -> None:
             raise SpecError(f"--tp {tp} does not divide {spec.name}'s {what} ({n})")
 
 
-class _Holder(nn.Module):
+class InitHolder(nn.Module):
     """Gives init_weights the .spec it reads, so a shard is initialised like the model (std 0.02, scaled out)."""
 
     def __init__(self, spec: ModelSpec, layer: nn.Module):
@@ -95,7 +95,7 @@ def build_layer(case: LayerCase, seed: int = 0) -> nn.Module:
     else:
         layer = Head(spec)
         layer.proj = nn.Linear(h, vocab_shard, bias=False)
-    init_weights(_Holder(spec, layer), seed)
+    init_weights(InitHolder(spec, layer), seed)
     return layer.to(device=case.device, dtype=case.dtype)
 
 
@@ -140,7 +140,7 @@ class Timing:
     """Median of per-sample forward + backward."""
 
 
-def _cv(samples: list[float]) -> float:
+def coefficient_of_variation(samples: list[float]) -> float:
     mean = statistics.fmean(samples)
     return statistics.stdev(samples) / mean if len(samples) > 1 and mean > 0 else 0.0
 
@@ -182,8 +182,9 @@ class _Timed:
 
     def timing(self) -> Timing:
         fwds, bwds = [p[0] for p in self.samples], [p[1] for p in self.samples]
-        return Timing(fwd_s=statistics.median(fwds), bwd_s=statistics.median(bwds), fwd_cv=_cv(fwds),
-                      bwd_cv=_cv(bwds), total_s=statistics.median(f + b for f, b in self.samples))
+        return Timing(fwd_s=statistics.median(fwds), bwd_s=statistics.median(bwds),
+                      fwd_cv=coefficient_of_variation(fwds), bwd_cv=coefficient_of_variation(bwds),
+                      total_s=statistics.median(f + b for f, b in self.samples))
 
 
 def modes_of(kind: LayerKind) -> list[Recompute]:

@@ -61,3 +61,4 @@ def test_real_run_writes_a_valid_profile_and_prints_json(tmp_path):
         assert [n for n, _ in fit.holdout_points] == [1536 << (2 * k) for k in range(8)]
         assert fit.holdout_median_rel_error is not None
     assert prof.optimizer_bytes_per_param == 8 and prof.precision == "fp32"
+    assert {(t.tp, t.micro_batch_size) for t in prof.tp_blocks} == {(2, 1), (2, 2)}  # DTensor blocks, tp > 1

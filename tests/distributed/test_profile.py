@@ -77,6 +77,19 @@ def test_measure_layer_reports_times_spreads_and_all_modes():
     assert head.recompute_extra_s == {} and set(head.activation_bytes) == {Recompute.NONE}
 
 
+def test_tp_block_timed_under_dtensor_on_two_gloo_ranks():
+    from runtime.profile_tp import measure_tp_blocks
+
+    done = []
+    timings = measure_tp_blocks(GPT, 2, [1, 2], QUICK, on_done=done.append)
+    assert [(t.tp, t.micro_batch_size) for t in timings] == [(2, 1), (2, 2)] and done == ["tensor-parallel block x2"]
+    shard = measure_layers([case("block", tp=2, mbs=2)], QUICK, lambda: None)[0]
+    for t in timings:
+        assert t.fwd_s > 0 and t.bwd_s > 0 and t.fwd_cv >= 0
+    # the real block also runs two all-reduces each way and DTensor's dispatch: never faster than the bare shard
+    assert timings[1].fwd_s + timings[1].bwd_s > shard.fwd_s + shard.bwd_s
+
+
 def test_optimizer_state_bytes_from_a_real_adamw_step():
     assert optimizer_bytes_per_param(mixed_precision=False) == 8  # exp_avg + exp_avg_sq in fp32
     assert optimizer_bytes_per_param(mixed_precision=True) == 12  # + the fp32 master weight

@@ -161,3 +161,34 @@ def test_planner_profile_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False"
+
+
+def test_a_call_is_priced_at_its_fit_plus_the_stall_the_mean_carries():
+    from runtime.profile_comm import stall_of
+    # below 1 MiB the mean exceeds the median by ~1 ms at every size; the large sizes do not count
+    stats = {1 << 10: (2e-4, 1.2e-3), 1 << 14: (3e-4, 1.3e-3), 1 << 18: (5e-4, 1.5e-3), 1 << 26: (0.05, 0.04)}
+    assert stall_of(stats) == pytest.approx(1e-3)
+    assert stall_of({1 << 10: (2e-4, 1e-4)}) == 0.0  # a mean below the median is no stall
+    fit = fit_collective("all_reduce", 2, [(1 << 10, 2e-4), (1 << 20, 1.2e-3)], stall_s=1e-3)
+    assert fit.expected_s(1 << 10) == pytest.approx(fit.time_s(1 << 10) + 1e-3)
+
+
+def test_a_block_timed_under_dtensor_replaces_shard_plus_fitted_collectives():
+    from planner.presets import CLUSTERS
+    from planner.profile import TPBlockTiming
+    from planner.profiled import ProfiledCosts
+    from planner.specs import Recompute
+
+    shard = LayerProfile(kind="block", tp=2, micro_batch_size=2, fwd_s=1e-3, bwd_s=2e-3, fwd_cv=0, bwd_cv=0,
+                         recompute_extra_s={"selective": 1e-4, "full": 9e-4}, params=TINY.block_params // 2,
+                         activation_bytes={"none": 300_000, "selective": 290_000, "full": 32_768})
+    gpu = CLUSTERS["local"].gpu
+    without = ProfiledCosts(make_profile(layers=[shard]), gpu).block(2, False, 2)
+    assert (without.fwd_s, without.bwd_s, without.tp_collectives) == (1e-3, 2e-3, 2)  # collectives priced apart
+    real = TPBlockTiming(tp=2, micro_batch_size=2, fwd_s=6e-3, bwd_s=9e-3, fwd_cv=0.1, bwd_cv=0.1)
+    with_real = ProfiledCosts(make_profile(layers=[shard], tp_blocks=[real]), gpu).block(2, False, 2)
+    assert (with_real.fwd_s, with_real.bwd_s, with_real.tp_collectives) == (6e-3, 9e-3, 0)  # collectives inside
+    # full recompute redoes the real forward: the shard's extra plus what DTensor adds to the forward
+    assert with_real.recompute_extra_s[Recompute.FULL] == pytest.approx(9e-4 + 5e-3)
+    assert with_real.recompute_extra_s[Recompute.SELECTIVE] == pytest.approx(1e-4)
+    assert with_real.act_bytes == without.act_bytes
