@@ -1,11 +1,12 @@
 """Issue 5's figures: how well the planner ranks and sizes every feasible plan on this machine.
 
-    python benchmarks/validate_local.py --out benchmarks/validate_local.json
+    python benchmarks/validate_local.py --steps 8 --max-plans 16 --repeats 2 --out benchmarks/validate_local.json
 
 For each model (tiny-gpt, and benchmarks/models/wide-gpt.yaml, 4x wider so compute rather than overheads sets
 the step time), runs `mpplan validate` on 2 ranks (one core each on this 2-core machine) with global batch 16:
 profile here, solve keeping every feasible plan with each recompute mode pinned in turn, run every plan for
-``--steps`` steps, then compare. Then once more for tiny-gpt under a ``--memory-limit`` that the solver's
+``--steps`` steps (``--repeats`` rounds over all plans; a plan's time is the median of its runs, and the spread
+between runs is the noise floor), then compare. Then once more for tiny-gpt under a ``--memory-limit`` that the solver's
 cheapest plans just fit, so the memory model decides feasibility and every plan it allows must stay under it
 when run. Writes one JSON with each validation's summary (Spearman, regret, step-time and peak-memory mean
 absolute error, limit violations) and every plan's outcome, plus the load average before and after.
@@ -55,8 +56,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--max-plans", type=int, default=None, help="Per model (default: every feasible plan).")
+    parser.add_argument("--repeats", type=int, default=2, help="Runs of every plan, in rounds over all plans.")
     args = parser.parse_args()
-    common = ["--ranks", "2", "--global-batch", str(args.global_batch), "--steps", str(args.steps)]
+    common = ["--ranks", "2", "--global-batch", str(args.global_batch), "--steps", str(args.steps),
+              "--repeats", str(args.repeats)]
     if args.max_plans:
         common += ["--max-plans", str(args.max_plans)]
     out: dict = {"command": "python benchmarks/validate_local.py " + " ".join(sys.argv[1:]),
@@ -77,7 +80,8 @@ def main() -> None:
     for v in out["validations"]:
         s = v["summary"]
         print(f"{v['name']}: {s['ran']}/{s['plans']} plans, Spearman {s['spearman']}, regret {s['regret']}, "
-              f"step MAE {s['step_time_mape']}, memory MAE {s['memory_mape']}, violations {len(s['violations'])}")
+              f"step MAE {s['step_time_mape']}, memory MAE {s['memory_mape']}, violations {len(s['violations'])}, "
+              f"noise floor {s['run_spread']}")
     print(f"wrote {args.out}")
 
 

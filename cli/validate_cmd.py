@@ -24,7 +24,8 @@ from rich.table import Table
 from planner.plan import Plan, Schedule
 from planner.search import Pins
 from planner.specs import Recompute, SpecError
-from planner.validate import PlanOutcome, Summary, candidate_plans, outcome_from_report, plan_label, summarize
+from planner.validate import (PlanOutcome, Summary, candidate_plans, combine_repeats, outcome_from_report, plan_label,
+                              summarize)
 
 EXIT_BAD_INPUT, EXIT_NO_PLAN = 2, 3
 MiB = 2**20
@@ -97,6 +98,9 @@ def render(console: Console, outcomes: list[PlanOutcome], summary: Summary) -> N
                   f"regret {fmt(summary.regret, '{:.3f}')} (<= 1.05: {marks[checks['regret']]}), "
                   f"step-time error {fmt(summary.step_time_mape, '{:.1%}')} (<= 10%: {marks[checks['step_time_mape']]}), "
                   f"peak-memory error {fmt(summary.memory_mape, '{:.1%}')} (<= 15%: {marks[checks['memory_mape']]})")
+    if summary.run_spread is not None:
+        console.print(f"noise floor: the same plan's step time moved {summary.run_spread:.1%} between runs "
+                      "(median over plans)")
     if summary.memory_limit_bytes is not None:
         console.print(f"memory limit {summary.memory_limit_bytes / MiB:.1f} MiB per rank: "
                       f"{len(summary.violations)} rank(s) over it")
@@ -147,6 +151,9 @@ def validate_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print only the JSON report to stdout.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite --report / --save-profile.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds one plan's run may take.")] = 600.0,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Run every plan this many times, in rounds over "
+                                         "all plans; a plan's step time is the median of its runs, and the spread "
+                                         "between runs is reported as the noise floor.")] = 1,
 ) -> None:
     """Run every feasible plan here and check that the planner ranks and sizes them right.
 
@@ -181,8 +188,10 @@ def validate_command(
         if not plans:
             _fail("no feasible plan to run (see `mpplan solve --cluster local --profile ...` for why)", EXIT_NO_PLAN)
         chosen = spread(plans, max_plans)
-        console.print(f"{len(plans)} feasible plans; running {len(chosen)} for {steps} steps each on {ranks} ranks")
-        outcomes = [_run_one(rank, plan, steps, timeout, console) for rank, plan in chosen]
+        console.print(f"{len(plans)} feasible plans; running {len(chosen)} for {steps} steps each on {ranks} ranks"
+                      + (f", {repeats} rounds" if repeats > 1 else ""))
+        rounds = [[_run_one(rank, plan, steps, timeout, console) for rank, plan in chosen] for _ in range(repeats)]
+        outcomes = [combine_repeats(runs) for runs in zip(*rounds)]
     summary = summarize(outcomes, memory_limit)
     result = {"model": req.model.name, "ranks": ranks, "cores": cores, "global_batch": global_batch,
               "steps": steps, "memory_limit_bytes": memory_limit, "feasible_plans": len(plans),
@@ -213,4 +222,4 @@ def _run_one(solver_rank: int, plan: Plan, steps: int, timeout: float, console: 
 def _outcome_dict(o: PlanOutcome) -> dict:
     from dataclasses import asdict
 
-    return {**asdict(o), "measured_peak_bytes": o.measured_peak_bytes}
+    return {**asdict(o), "measured_peak_bytes": o.measured_peak_bytes, "run_spread": o.run_spread}

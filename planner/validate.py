@@ -15,7 +15,8 @@ module computes the figures issue 5 asks for:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import statistics
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
 
 from planner.plan import Plan
@@ -131,6 +132,14 @@ class PlanOutcome:
     """Why the run failed (one line), or None."""
     busy_cpus: float | None = None
     """Other runnable processes seen just before the run (0 = quiet machine); timings beside busy CPUs are slow."""
+    repeat_step_times_s: list[float] = field(default_factory=list)
+    """Each run's median step time when the plan ran more than once; measured_step_time_s is their median."""
+
+    @property
+    def run_spread(self) -> float | None:
+        """Slowest / fastest repeat - 1: how far the same plan's step time moved between runs."""
+        times = self.repeat_step_times_s
+        return max(times) / min(times) - 1 if len(times) > 1 and min(times) > 0 else None
 
     @property
     def ran(self) -> bool:
@@ -161,6 +170,23 @@ def outcome_from_report(solver_rank: int, plan: Plan, report: dict | None, error
     return outcome
 
 
+def combine_repeats(runs: Sequence[PlanOutcome]) -> PlanOutcome:
+    """One outcome from several runs of the same plan (rounds a few minutes apart, so one slow spell of a shared
+    machine does not decide a plan): the median step time and, per rank, the median peak; failed if any run
+    failed."""
+    first = runs[0]
+    failed = next((r for r in runs if not r.ran), None)
+    if len(runs) == 1 or failed is not None:
+        return failed or first
+    times = [r.measured_step_time_s for r in runs]
+    ranks = [RankMemory(rank=r.rank, predicted_bytes=r.predicted_bytes,
+                        measured_bytes=round(statistics.median(o.ranks[i].measured_bytes for o in runs)))
+             for i, r in enumerate(first.ranks)]
+    busy = [r.busy_cpus for r in runs if r.busy_cpus is not None]
+    return replace(first, measured_step_time_s=statistics.median(times), ranks=ranks,
+                   busy_cpus=max(busy) if busy else None, repeat_step_times_s=list(times))
+
+
 # ------------------------------------------------------------------------------------------ summary
 
 @dataclass
@@ -187,6 +213,9 @@ class Summary:
     memory_limit_bytes: int | None
     violations: list[Violation]
     max_busy_cpus: float | None
+    run_spread: float | None = None
+    """Median over plans of (slowest / fastest repeat - 1): the noise floor of the measurements themselves; no
+    model can be more accurate than the same plan reproduces (None with one run per plan)."""
 
     def checks(self) -> dict[str, bool | None]:
         """Each target of issue 5: met (True), missed (False) or not measurable (None)."""
@@ -221,8 +250,10 @@ def summarize(outcomes: Sequence[PlanOutcome], memory_limit_bytes: int | None = 
         violations = [Violation(o.label, r.rank, r.measured_bytes, memory_limit_bytes)
                       for o in ran for r in o.ranks if r.measured_bytes > memory_limit_bytes]
     busy = [o.busy_cpus for o in outcomes if o.busy_cpus is not None]
+    spreads = [o.run_spread for o in ran if o.run_spread is not None]
     return Summary(plans=len(outcomes), ran=len(ran), failed=len(outcomes) - len(ran), spearman=spearman(pred, meas),
                    regret=regret, step_time_mape=mean_abs_pct_error(pred, meas),
                    memory_mape=mean_abs_pct_error([p for p, _ in rank_pairs], [m for _, m in rank_pairs]),
                    solver_first=first, measured_best=best, memory_limit_bytes=memory_limit_bytes,
-                   violations=violations, max_busy_cpus=max(busy) if busy else None)
+                   violations=violations, max_busy_cpus=max(busy) if busy else None,
+                   run_spread=statistics.median(spreads) if spreads else None)

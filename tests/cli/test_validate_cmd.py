@@ -57,7 +57,7 @@ def test_spread_keeps_the_first_and_spans_the_ranking():
 def test_two_plans_run_and_are_compared(tmp_path):
     report = tmp_path / "validate.json"
     result = invoke("--profile", str(profile_file(tmp_path)), "--pp", "2", "--mbs", "4", "--schedule", "1f1b",
-                    "--steps", "2", "--max-plans", "2", "--report", str(report), "--json")
+                    "--steps", "2", "--max-plans", "2", "--repeats", "2", "--report", str(report), "--json")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed == json.loads(report.read_text())
@@ -65,8 +65,9 @@ def test_two_plans_run_and_are_compared(tmp_path):
     summary = printed["summary"]
     assert (summary["plans"], summary["ran"], summary["failed"]) == (2, 2, 0)
     assert summary["regret"] >= 1.0 and summary["step_time_mape"] is not None
+    assert summary["run_spread"] >= 0  # two rounds: the noise floor is measured
     for o in printed["outcomes"]:
-        assert o["measured_step_time_s"] > 0 and len(o["ranks"]) == 2
+        assert o["measured_step_time_s"] > 0 and len(o["ranks"]) == 2 and len(o["repeat_step_times_s"]) == 2
         assert all(r["measured_bytes"] > 0 and r["predicted_bytes"] > 0 for r in o["ranks"])
     assert printed["outcomes"][0]["solver_rank"] == 1
 

@@ -13,8 +13,8 @@ from planner.profile import DeviceInfo, LayerProfile, Profile, RuntimeCalibratio
 from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute
-from planner.validate import (PlanOutcome, RankMemory, average_ranks, candidate_plans, mean_abs_pct_error,
-                              plan_key, spearman, summarize)
+from planner.validate import (PlanOutcome, RankMemory, average_ranks, candidate_plans, combine_repeats,
+                              mean_abs_pct_error, plan_key, spearman, summarize)
 
 TINY = MODELS["tiny-gpt"]
 
@@ -189,3 +189,17 @@ def test_cpu_gradient_reduction_is_not_hidden_behind_backward(tmp_path):
     per_rank_work = 2 * (8 * 6e-4 + 6e-5 + 1.5e-4) * 4  # 2 micro-batches of 4: blocks + embedding + head
     # the gradient all-reduce (~1.8 MB at 1 ns/B + 0.2 ms) is paid in full on top of the compute
     assert one_mb.predicted.step_time_s > per_rank_work + 1.8e-3
+
+
+def test_repeats_combine_to_the_median_and_report_their_spread():
+    runs = [outcome(1, 1.0, t, meas_b=b) for t, b in ((1.2, 100), (1.0, 120), (1.5, 110))]
+    one = combine_repeats(runs)
+    assert one.measured_step_time_s == pytest.approx(1.2) and one.repeat_step_times_s == [1.2, 1.0, 1.5]
+    assert one.run_spread == pytest.approx(0.5)
+    assert [r.measured_bytes for r in one.ranks] == [110, 120]  # per rank, the median peak
+    s = summarize([one, combine_repeats([outcome(2, 2.0, 2.0), outcome(2, 2.0, 2.2)])])
+    assert s.run_spread == pytest.approx((0.5 + 0.1) / 2)
+    failed = combine_repeats([outcome(1, 1.0, 1.0), outcome(1, 1.0, None, error="rank 0 failed: boom")])
+    assert not failed.ran and failed.error == "rank 0 failed: boom"
+    assert combine_repeats([outcome(1, 1.0, 1.3)]).run_spread is None
+    assert summarize([outcome(1, 1.0, 1.3)]).run_spread is None
