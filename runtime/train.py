@@ -107,12 +107,12 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
     source = TokenSource(plan.model, settings.seed, settings.data)
     rows = plan.train.global_batch
 
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     for step in range(settings.steps):
         tokens, targets = (t.to(device) for t in source.rank_batch(step, rows, pmesh.dp_rank, par.dp))
         _sync(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=not dp.grads_are_bucket_views)
         with _autocast(device):
             if pipeline is not None:
                 loss = pipeline.step(tokens, targets)
@@ -122,17 +122,24 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
         optimizer.step()
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         losses.append(_global_mean_loss(loss, par.dp * par.tp, device))
     peaks = _gather_ints(memory.peak_bytes(), device)
+    busy = [round(1e6 * statistics.median(c / t for c, t in zip(cpu_times[settings.warmup_steps:],
+                                                                times[settings.warmup_steps:]) if t > 0))]
+    busy_per_rank = [b / 1e6 for b in _gather_ints(busy[0], device)]
     dist.barrier()
     if dist.get_rank() != 0:
         return None
     step_time = statistics.median(times[settings.warmup_steps:])
     pp_ranks = [_pp_rank_of(plan, r) for r in range(par.world_size)]
-    return build_report(plan, settings, device, losses, step_time, peaks, pp_ranks,
+    report = build_report(plan, settings, device, losses, step_time, peaks, pp_ranks,
                         {"tensor": tensor_desc, "data": dp.wrapper,
                          "pipeline": pipeline.name if pipeline else "none (pp = 1): gradient accumulation",
                          "recompute": plan.recompute}, source.description)
+    # CPU time of the rank's process (all its threads) per second of step: near 1 computing, lower waiting
+    report["measured"]["cpu_busy_per_rank"] = busy_per_rank
+    return report
 
 
 def _accumulate(dp, tokens: torch.Tensor, targets: torch.Tensor, num_microbatches: int) -> torch.Tensor:

@@ -54,6 +54,7 @@ def test_report_measures_time_and_memory_against_prediction(reports):
     assert r["measured"]["step_time_s"] > 0 and r["measured"]["tokens_per_s"] > 0
     assert len(r["per_rank_memory"]) == 2 and [m["pp_rank"] for m in r["per_rank_memory"]] == [0, 1]
     assert all(m["peak_memory_bytes"] > 0 for m in r["per_rank_memory"])
+    assert len(r["measured"]["cpu_busy_per_rank"]) == 2 and all(b > 0 for b in r["measured"]["cpu_busy_per_rank"])
     expected = 100 * (r["measured"]["step_time_s"] - 0.1) / 0.1  # make_plan predicts 0.1 s
     assert r["error_pct"]["step_time_s"] == pytest.approx(expected)
     assert len(r["losses"]) == 3
