@@ -237,9 +237,14 @@ class Estimator:
                 f, b = f + head.fwd_s + comm.tp_edge_fwd_s, b + head.bwd_s + comm.tp_edge_fwd_s
             # the runtime's own per-micro-batch work on every stage (calibrated from profile runs; 0 without)
             f_extra, b_extra = self.costs.stage_microbatch_overhead_s
+            if self.device == "cpu":  # gloo moves the tensor on the receiving rank's own core: it cannot compute
+                f_extra += comm.p2p_s if j > 0 else 0.0            # ... while it waits for the activation
+                b_extra += comm.p2p_s if j < stages - 1 else 0.0   # ... or for the gradient
             fwd.append(f + f_extra)
             bwd.append(b + b_extra)
-        sim = simulate(c.schedule, c.pp, c.vpp, c.num_microbatches, fwd, bwd, p2p_s=comm.p2p_s)
+        # on CPU the transfer sits inside the receiving action (above), so it is not a latency on top of it
+        sim = simulate(c.schedule, c.pp, c.vpp, c.num_microbatches, fwd, bwd,
+                       p2p_s=0.0 if self.device == "cpu" else comm.p2p_s)
         # data-parallel gradient reduction: hidden behind the last micro-batch's backward when the runtime
         # overlaps it (DDP buckets / FSDP2 reduce-scatter in backward), else fully exposed
         inflight = inflight_per_stage(c.schedule, c.pp, c.vpp, c.num_microbatches)

@@ -203,3 +203,27 @@ def test_repeats_combine_to_the_median_and_report_their_spread():
     assert not failed.ran and failed.error == "rank 0 failed: boom"
     assert combine_repeats([outcome(1, 1.0, 1.3)]).run_spread is None
     assert summarize([outcome(1, 1.0, 1.3)]).run_spread is None
+
+
+def test_on_cpu_a_pipeline_receive_occupies_the_receiving_rank(tmp_path):
+    """gloo moves a pipeline tensor on the receiving rank's core: each receiving forward / backward pays it in
+    full, not only as a latency that other work may hide."""
+    from dataclasses import replace
+
+    from planner.estimate import Config
+    from planner.partition import PartitionResult
+    from planner.plan import Schedule
+
+    est = request(tmp_path, synthetic_profile()).estimator()
+    c = Config(tp=1, pp=2, dp=1, vpp=1, sp=False, micro_batch_size=2, num_microbatches=4, zero=0,
+               schedule=Schedule.ONE_F_ONE_B, recompute=(Recompute.NONE,))
+    half = TINY.num_layers // 2
+    part = PartitionResult(counts=({Recompute.NONE: half}, {Recompute.NONE: half}), stage_time_s=(0, 0),
+                           rank_time_s=(0, 0), rank_memory_bytes=(0, 0), objective_s=0, solver="test",
+                           status="optimal", gap=0.0, time_s=0.0)
+    comm = est.comm(c)
+    free = est.predict(c, part, replace(comm, p2p_s=0.0)).step_time_s
+    priced = est.predict(c, part, replace(comm, p2p_s=1e-3)).step_time_s
+    # as a pure latency, 2-stage 1F1B with 4 micro-batches exposes 4 transfers on its critical path; occupying
+    # the receiver, the transfers also delay the receiving rank's own work (5 here)
+    assert priced - free > 4.5e-3
