@@ -23,6 +23,7 @@ import torch
 from planner.profile import DeviceInfo, LayerKind, Profile
 from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CommConfig, group_sizes, measure_collectives
+from runtime.profile_concurrent import measure_layers_concurrently
 from runtime.profile_runtime import calibrate_runtime
 from runtime.profile_tp import measure_tp_blocks
 from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, matmul_tflops, measure_layers,
@@ -103,8 +104,13 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cases = [LayerCase(spec, kind, tp, mbs, dev, dtype) for tp in tp_degrees for mbs in micro_batch_sizes
              for kind in KINDS]
+    # on CPU every rank's core is busy in a run, so the layers are timed on all of them at once
+    concurrent = ranks if device == "cpu" else 1
     with one_thread():
-        layers = measure_layers(cases, timing, sync, on_round=step)
+        if concurrent > 1:
+            layers = measure_layers_concurrently(cases, timing, concurrent, on_round=step)
+        else:
+            layers = measure_layers(cases, timing, sync, on_round=step)
         info = DeviceInfo(device=device, name=device_name(dev), torch_version=torch.__version__, threads=1,
                           matmul_tflops=matmul_tflops(dev, dtype, sync),
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -117,7 +123,7 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     runtime = None
     if calibrate and any(lp.tp == 1 for lp in layers):
         with one_thread():
-            runtime = calibrate_runtime(spec, layers, precision, device, optimizer_bytes)
+            runtime = calibrate_runtime(spec, layers, precision, device, optimizer_bytes, concurrent)
     step("runtime calibration")
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
                    optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks)

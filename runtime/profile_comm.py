@@ -39,10 +39,10 @@ class CommConfig:
     """Untimed calls before each (op, size) in each round."""
     rounds: int = 6
     """Passes over all ops and sizes, each in a shuffled order."""
-    sample_bytes: int = 32 << 20
+    sample_bytes: int = 24 << 20
     """Each size is timed over calls moving about this many bytes in all, within [min_calls, max_calls]."""
     min_calls: int = 12
-    max_calls: int = 120
+    max_calls: int = 96
     timeout_s: float = 300.0
 
     def sizes(self) -> list[int]:

@@ -15,6 +15,7 @@ model's own parameters.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Sequence
 
@@ -86,10 +87,38 @@ def _layer_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: 
             + spec.num_layers * by_kind["block"].activation_bytes[none])
 
 
+def side_by_side(job: Job, copies: int) -> list[dict]:
+    """Run ``copies`` one-rank copies of ``job`` at once (as the layers were timed: every core busy, see
+    runtime/profile_concurrent.py); each plan's report from the first copy, with the step time averaged over all."""
+    if copies <= 1:
+        return spawn_local(job, 1)
+    outs: list[list[dict] | BaseException] = [[] for _ in range(copies)]
+
+    def run(i: int) -> None:
+        try:
+            outs[i] = spawn_local(job, 1)
+        except BaseException as e:  # re-raised below, in the caller's thread
+            outs[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(copies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for out in outs:
+        if isinstance(out, BaseException):
+            raise out
+    reports = outs[0]
+    for k, report in enumerate(reports):
+        report["measured"]["step_time_s"] = statistics.fmean(out[k]["measured"]["step_time_s"] for out in outs)
+    return reports
+
+
 def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision: Precision, device: str,
-                      optimizer_bytes_per_param: int) -> RuntimeCalibration:
+                      optimizer_bytes_per_param: int, concurrent: int = 1) -> RuntimeCalibration:
     """Run the three calibration plans (smallest and largest profiled tp-1 micro-batch) and solve for the
-    overheads; each is floored at its physical minimum (0 s, 0 bytes, factor 1)."""
+    overheads; each is floored at its physical minimum (0 s, 0 bytes, factor 1). ``concurrent`` copies run side
+    by side when the layers were timed that way."""
     sizes = sorted({lp.micro_batch_size for lp in layers if lp.tp == 1})
     small, large = sizes[0], sizes[-1]
     # Two processes: a memory peak is only clean as the first run of a fresh one (a later run reuses the
@@ -98,7 +127,7 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     runs = []
     for shapes in groups:
         plans = [single_rank_plan(spec, mbs, m, precision).model_dump_json() for mbs, m in shapes]
-        reports = spawn_local(Job(plans=plans, steps=CALIBRATION_STEPS, device=device), 1)
+        reports = side_by_side(Job(plans=plans, steps=CALIBRATION_STEPS, device=device), concurrent)
         runs += [RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=r["measured"]["step_time_s"],
                             peak_bytes=r["measured"]["peak_memory_bytes"]) for (mbs, m), r in zip(shapes, reports)]
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")

@@ -90,6 +90,17 @@ def test_tp_block_timed_under_dtensor_on_two_gloo_ranks():
     assert timings[1].fwd_s + timings[1].bwd_s > shard.fwd_s + shard.bwd_s
 
 
+def test_layers_timed_on_two_processes_at_once():
+    from runtime.profile_concurrent import measure_layers_concurrently
+
+    rounds = []
+    (both,) = measure_layers_concurrently([case("block")], QUICK, 2, on_round=rounds.append)
+    (alone,) = measure_layers([case("block")], QUICK, lambda: None)
+    assert len(rounds) == QUICK.warmup + QUICK.repeats  # one process reports progress
+    assert both.fwd_s > 0 and both.bwd_s > 0 and set(both.recompute_extra_s) == set(alone.recompute_extra_s)
+    assert (both.params, both.activation_bytes) == (alone.params, alone.activation_bytes)
+
+
 def test_optimizer_state_bytes_from_a_real_adamw_step():
     assert optimizer_bytes_per_param(mixed_precision=False) == 8  # exp_avg + exp_avg_sq in fp32
     assert optimizer_bytes_per_param(mixed_precision=True) == 12  # + the fp32 master weight
