@@ -95,7 +95,8 @@ def profile_command(
     try:
         spec = load_model(model, seq_len)
         micro_batch_sizes, tp_degrees = parse_int_list("--mbs", mbs), parse_int_list("--tp", tp)
-        from runtime.profile import check_request, count_steps, profile_model, tp_blocks_to_time  # torch from here
+        from runtime.profile import (check_request, count_steps, profile_model,  # torch from here on
+                                     times_fsdp_blocks, tp_blocks_to_time)
 
         check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
     except SpecError as e:
@@ -105,7 +106,8 @@ def profile_command(
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not console.is_terminal, transient=True) as bar:
         task = bar.add_task(f"profiling {spec.name}", total=count_steps(
-            ranks, tp_to_time=tp_blocks_to_time(device, tp_degrees, ranks)))
+            ranks, tp_to_time=tp_blocks_to_time(device, tp_degrees, ranks),
+            fsdp=times_fsdp_blocks(device, tp_degrees, ranks)))
         try:
             profile = profile_model(spec, device, micro_batch_sizes, tp_degrees, ranks,
                                     progress=lambda label: bar.update(task, advance=1, description=label))

@@ -117,6 +117,11 @@ class AnalyticCosts:
     def available(self, tp: int, sp: bool, mbs: int) -> str | None:
         return None
 
+    def fsdp_block_extra_s(self, zero: int, dp: int, mbs: int) -> float | None:
+        """Measured per-block, per-micro-batch cost of ZeRO 2 / 3's wrapper (a profile's); None: price the
+        gathers from the collective model."""
+        return None
+
     def __init__(self, model: ModelSpec, gpu: GPUSpec, train: TrainSpec, traits: RuntimeTraits = RuntimeTraits()):
         self.model, self.gpu, self.train, self.traits = model, gpu, train, traits
         self.elem_bytes = train.weight_bytes  # activations in the training precision

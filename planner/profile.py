@@ -115,6 +115,20 @@ class TPBlockTiming(Strict):
     bwd_cv: float = Field(ge=0)
 
 
+class FSDPBlockTiming(Strict):
+    """One transformer block as the runtime runs it for ZeRO ``zero`` (2 or 3) over ``dp`` ranks: FSDP2
+    fully_shard, in a micro-batch that does not reduce gradients, so its parameter gathers and hooks (what every
+    micro-batch pays) are in it and the once-a-step gradient reduce-scatter is not (runtime/profile_tp.py)."""
+
+    zero: Literal[2, 3]
+    dp: int = Field(gt=1)
+    micro_batch_size: int = Field(gt=0)
+    fwd_s: float = Field(ge=0)
+    bwd_s: float = Field(ge=0)
+    fwd_cv: float = Field(ge=0)
+    bwd_cv: float = Field(ge=0)
+
+
 class DeviceInfo(Strict):
     device: Literal["cpu", "cuda"]
     name: str
@@ -171,6 +185,8 @@ class Profile(Strict):
     runtime: RuntimeCalibration | None = None
     tp_blocks: list[TPBlockTiming] = []
     """Blocks timed as run under tensor parallelism (CPU: every profiled tp > 1 that fits in ``ranks``)."""
+    fsdp_blocks: list[FSDPBlockTiming] = []
+    """Blocks timed as run under ZeRO 2 and 3 (CPU: over all ``ranks``)."""
     """Overheads of mpplan's own runtime on this machine; None in profiles taken without calibration runs."""
 
     def layer(self, kind: LayerKind, tp: int, micro_batch_size: int) -> LayerProfile | None:
@@ -182,6 +198,12 @@ class Profile(Strict):
     def tp_block(self, tp: int, micro_batch_size: int) -> TPBlockTiming | None:
         for t in self.tp_blocks:
             if t.tp == tp and t.micro_batch_size == micro_batch_size:
+                return t
+        return None
+
+    def fsdp_block(self, zero: int, dp: int, micro_batch_size: int) -> FSDPBlockTiming | None:
+        for t in self.fsdp_blocks:
+            if (t.zero, t.dp, t.micro_batch_size) == (zero, dp, micro_batch_size):
                 return t
         return None
 

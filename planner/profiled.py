@@ -46,6 +46,14 @@ class ProfiledCosts:
             return f"the profiled block at tp {tp} x mbs {mbs} has no activation bytes for {sorted(missing)}"
         return None
 
+    def fsdp_block_extra_s(self, zero: int, dp: int, mbs: int) -> float | None:
+        """What FSDP2 adds to one block's forward + backward in a non-reducing micro-batch (its parameter gathers
+        and hooks), measured (runtime/profile_tp.py) less the plain block; None when not measured."""
+        real, plain = self.profile.fsdp_block(zero, dp, mbs), self.profile.layer("block", 1, mbs)
+        if real is None or plain is None:
+            return None
+        return max(0.0, real.fwd_s + real.bwd_s - plain.fwd_s - plain.bwd_s)
+
     def memory_time_s(self, nbytes: float) -> float:
         return nbytes / (self.gpu.hbm_GBps * 1e9)
 

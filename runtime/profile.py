@@ -14,6 +14,7 @@ re-imports the main module); the mpplan console script and pytest do.
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 import platform
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CommConfig, group_sizes, measure_collectives
 from runtime.profile_concurrent import measure_layers_concurrently
 from runtime.profile_runtime import calibrate_runtime
-from runtime.profile_tp import measure_tp_blocks
+from runtime.profile_tp import measure_sharded_blocks
 from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, matmul_tflops, measure_layers,
                                     optimizer_bytes_per_param)
 
@@ -41,10 +42,16 @@ def tp_blocks_to_time(device: str, tp_degrees: Sequence[int], ranks: int) -> lis
     return sorted(t for t in set(tp_degrees) if 1 < t <= ranks) if device == "cpu" else []
 
 
+def times_fsdp_blocks(device: str, tp_degrees: Sequence[int], ranks: int) -> bool:
+    """ZeRO 2 / 3 blocks are timed under FSDP2 over all ranks on CPU (tp 1 profiled, 2+ ranks)."""
+    return device == "cpu" and ranks >= 2 and 1 in tp_degrees
+
+
 def count_steps(ranks: int, timing: TimingConfig = TimingConfig(), comm: CommConfig = CommConfig(),
-                tp_to_time: Sequence[int] = ()) -> int:
+                tp_to_time: Sequence[int] = (), fsdp: bool = False) -> int:
     """How many times profile_model calls its progress callback (for a progress bar's total)."""
-    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + len(tp_to_time) + 1
+    sharded_worlds = {*tp_to_time, *([ranks] if fsdp else [])}
+    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + len(sharded_worlds) + 1
 
 
 def check_request(spec: ModelSpec, device: str, micro_batch_sizes: Sequence[int], tp_degrees: Sequence[int],
@@ -117,8 +124,14 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
         optimizer_bytes = optimizer_bytes_per_param(mixed_precision=device == "cuda")
         step("device")
     collectives = measure_collectives(ranks, device, comm, on_done=step)
-    tp_blocks = [t for tp in tp_blocks_to_time(device, tp_degrees, ranks)
-                 for t in measure_tp_blocks(spec, tp, micro_batch_sizes, timing, on_done=step)]
+    # blocks under DTensor / FSDP2 take several times a plain block: fewer samples keep their spread small enough
+    sharded = replace(timing, warmup=min(timing.warmup, 1), repeats=min(timing.repeats, 9))
+    tp_blocks, fsdp_blocks = [], []
+    for world in sorted({*tp_blocks_to_time(device, tp_degrees, ranks), ranks}):
+        tp, fsdp = measure_sharded_blocks(spec, world, world in tp_blocks_to_time(device, tp_degrees, ranks),
+                                          world == ranks and times_fsdp_blocks(device, tp_degrees, ranks),
+                                          micro_batch_sizes, sharded, on_done=step)
+        tp_blocks, fsdp_blocks = tp_blocks + tp, fsdp_blocks + fsdp
     precision = Precision.BF16 if device == "cuda" else Precision.FP32
     runtime = None
     if calibrate and any(lp.tp == 1 for lp in layers):
@@ -126,4 +139,5 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
             runtime = calibrate_runtime(spec, layers, precision, device, optimizer_bytes, concurrent)
     step("runtime calibration")
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
-                   optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks)
+                   optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks,
+                   fsdp_blocks=fsdp_blocks)

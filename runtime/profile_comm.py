@@ -37,11 +37,11 @@ class CommConfig:
     max_bytes: int = 64 << 20
     warmup_calls: int = 1
     """Untimed calls before each (op, size) in each round."""
-    rounds: int = 6
+    rounds: int = 5
     """Passes over all ops and sizes, each in a shuffled order."""
     sample_bytes: int = 24 << 20
     """Each size is timed over calls moving about this many bytes in all, within [min_calls, max_calls]."""
-    min_calls: int = 12
+    min_calls: int = 8
     max_calls: int = 96
     timeout_s: float = 300.0
 

@@ -1,10 +1,11 @@
-"""Time one transformer block as the runtime runs it under tensor parallelism: DTensor-sharded over ``tp`` spawned
-local ranks (runtime/parallel/tensor.py's plan), collectives included.
+"""Time one transformer block as the runtime runs it under tensor parallelism (DTensor-sharded over ``tp`` spawned
+local ranks, runtime/parallel/tensor.py's plan) or under ZeRO 2 / 3 (FSDP2 over ``dp`` ranks), collectives included.
 
 The layer profile times a TP degree as its shard, a plain block of hidden/t width, and prices the collectives
 from the alpha-beta fits. On CPU with gloo that missed most of a TP step: DTensor dispatches every sharded op in
 Python and redistributes through extra collectives, and `mpplan validate` measured TP plans 3-6x slower than
-predicted from shard + fitted all-reduces. This measures the real thing; planner/profiled.py prefers it for blocks.
+predicted from shard + fitted all-reduces. This measures the real thing; planner/profiled.py prefers it for blocks. Likewise FSDP2 on CPU: its hooks and
+per-micro-batch parameter gathers made ZeRO 2 / 3 plans run 1.6-2.7x their prediction.
 
 Timing as runtime/profile_layers.py: warm-up samples, then the median of ``repeats`` samples, each repeating
 forward + backward until it lasts ``min_sample_s``; a sample's time is the slowest rank's.
@@ -19,21 +20,44 @@ import time
 import traceback
 from typing import Callable, Sequence
 
-from planner.profile import TPBlockTiming
+from planner.profile import FSDPBlockTiming, TPBlockTiming
 from planner.specs import ModelSpec
 from runtime.profile_layers import TimingConfig, coefficient_of_variation
 
 
-def measure_tp_blocks(spec: ModelSpec, tp: int, micro_batch_sizes: Sequence[int], timing: TimingConfig = TimingConfig(),
-                      timeout_s: float = 300.0, on_done: Callable[[str], None] | None = None) -> list[TPBlockTiming]:
-    """Spawn ``tp`` CPU ranks (gloo, one thread each) and time the DTensor block at every micro-batch size."""
+def measure_sharded_blocks(spec: ModelSpec, world: int, tp: bool, fsdp: bool, micro_batch_sizes: Sequence[int],
+                           timing: TimingConfig = TimingConfig(), timeout_s: float = 300.0,
+                           on_done: Callable[[str], None] | None = None
+                           ) -> tuple[list[TPBlockTiming], list[FSDPBlockTiming]]:
+    """Spawn ``world`` CPU ranks (gloo, one thread each) once and time, at every micro-batch size, the block under
+    DTensor TP over all of them (``tp``) and as wrapped for ZeRO 2 and 3 (``fsdp``: FSDP2 fully_shard,
+    reshard_after_forward for 3) in a micro-batch that does not reduce gradients, i.e. the parameter gathers and
+    FSDP2's hooks that every micro-batch pays (runtime/parallel/data.py)."""
+    wraps = (["tp"] if tp else []) + (["zero2", "zero3"] if fsdp else [])
+    if not wraps:
+        return [], []
+    per_wrap = dict(zip(wraps, _measure(spec, world, wraps, micro_batch_sizes, timing, timeout_s)))
+    if on_done is not None:
+        on_done(f"{'/'.join(wraps)} blocks x{world}")
+    tp_blocks = [TPBlockTiming(tp=world, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=fcv, bwd_cv=bcv)
+                 for mbs, (f, b, fcv, bcv) in zip(micro_batch_sizes, per_wrap.get("tp", []))]
+    fsdp_blocks = [FSDPBlockTiming(zero=zero, dp=world, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=fcv,
+                                   bwd_cv=bcv)
+                   for zero in (2, 3) for mbs, (f, b, fcv, bcv) in zip(micro_batch_sizes, per_wrap.get(f"zero{zero}", []))]
+    return tp_blocks, fsdp_blocks
+
+
+def _measure(spec: ModelSpec, world: int, wraps: list[str], micro_batch_sizes: Sequence[int], timing: TimingConfig,
+             timeout_s: float) -> list[list[tuple[float, float, float, float]]]:
+    """Per wrap, per micro-batch size: (fwd_s, bwd_s, fwd_cv, bwd_cv), the slowest rank's medians."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     from runtime.launch import free_port
 
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, tp, port, spec, list(micro_batch_sizes), timing, results),
-                         daemon=True) for rank in range(tp)]
+    procs = [ctx.Process(target=_worker, args=(rank, world, port, spec, wraps, list(micro_batch_sizes), timing,
+                                               results), daemon=True) for rank in range(world)]
+    what = "/".join(wraps)
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -44,15 +68,13 @@ def measure_tp_blocks(spec: ModelSpec, tp: int, micro_batch_sizes: Sequence[int]
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"TP block benchmark rank died with exit code {dead[0].exitcode}") from None
+                    raise RuntimeError(f"{what} block benchmark rank died with exit code {dead[0].exitcode}") from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"TP block benchmark did not finish in {timeout_s:.0f} s") from None
+                    raise RuntimeError(f"{what} block benchmark did not finish in {timeout_s:.0f} s") from None
                 continue
             if msg[0] == "error":
-                raise RuntimeError(f"TP block benchmark rank {msg[1]} failed: {msg[2]}")
+                raise RuntimeError(f"{what} block benchmark rank {msg[1]} failed: {msg[2]}")
             if msg[0] == "done":
-                if on_done is not None:
-                    on_done(f"tensor-parallel block x{tp}")
                 return msg[1]
     finally:
         for p in procs:
@@ -62,11 +84,13 @@ def measure_tp_blocks(spec: ModelSpec, tp: int, micro_batch_sizes: Sequence[int]
                 p.join()
 
 
-def _worker(rank: int, tp: int, port: int, spec: ModelSpec, sizes: list[int], timing: TimingConfig, results) -> None:
+def _worker(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[str], sizes: list[int],
+            timing: TimingConfig, results) -> None:
     try:
         import torch
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor.parallel import parallelize_module
 
         from runtime.model import Block
@@ -74,20 +98,26 @@ def _worker(rank: int, tp: int, port: int, spec: ModelSpec, sizes: list[int], ti
         from runtime.parallel.tensor import block_plan
 
         torch.set_num_threads(1)  # one thread per rank, as the runtime runs
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
-        mesh = init_device_mesh("cpu", (tp,))
-        block = Block(spec)
-        init_weights(InitHolder(spec, block), 0)
-        parallelize_module(block, mesh, block_plan(spec.flavour == "llama", sp=False))
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        mesh = init_device_mesh("cpu", (world,))
         out = []
-        for mbs in sizes:
-            gen = torch.Generator().manual_seed(mbs)
-            x = torch.randn(mbs, spec.seq_len, spec.hidden_size, generator=gen).requires_grad_(True)
-            grad = torch.randn(mbs, spec.seq_len, spec.hidden_size, generator=gen)
-            fwds, bwds = _time(block, x, grad, timing, dist)
-            out.append(TPBlockTiming(tp=tp, micro_batch_size=mbs, fwd_s=statistics.median(fwds),
-                                     bwd_s=statistics.median(bwds), fwd_cv=coefficient_of_variation(fwds),
-                                     bwd_cv=coefficient_of_variation(bwds)))
+        for wrap in wraps:
+            block = Block(spec)
+            init_weights(InitHolder(spec, block), 0)
+            if wrap == "tp":
+                parallelize_module(block, mesh, block_plan(spec.flavour == "llama", sp=False))
+            else:  # as runtime/parallel/data.py wraps each block for ZeRO 2 / 3, in a non-reducing micro-batch
+                block = fully_shard(block, mesh=mesh, reshard_after_forward=wrap == "zero3")
+                block.set_requires_gradient_sync(False)
+            per_size = []
+            for mbs in sizes:
+                gen = torch.Generator().manual_seed(mbs)
+                x = torch.randn(mbs, spec.seq_len, spec.hidden_size, generator=gen).requires_grad_(True)
+                grad = torch.randn(mbs, spec.seq_len, spec.hidden_size, generator=gen)
+                fwds, bwds = _time(block, x, grad, timing, dist)
+                per_size.append((statistics.median(fwds), statistics.median(bwds), coefficient_of_variation(fwds),
+                                 coefficient_of_variation(bwds)))
+            out.append(per_size)
         if rank == 0:
             results.put(("done", out))
         dist.barrier()

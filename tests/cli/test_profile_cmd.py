@@ -62,3 +62,5 @@ def test_real_run_writes_a_valid_profile_and_prints_json(tmp_path):
         assert fit.holdout_median_rel_error is not None
     assert prof.optimizer_bytes_per_param == 8 and prof.precision == "fp32"
     assert {(t.tp, t.micro_batch_size) for t in prof.tp_blocks} == {(2, 1), (2, 2)}  # DTensor blocks, tp > 1
+    assert {(t.zero, t.dp, t.micro_batch_size) for t in prof.fsdp_blocks} == {
+        (z, 2, m) for z in (2, 3) for m in (1, 2)}  # FSDP2-wrapped blocks over both ranks

@@ -77,17 +77,21 @@ def test_measure_layer_reports_times_spreads_and_all_modes():
     assert head.recompute_extra_s == {} and set(head.activation_bytes) == {Recompute.NONE}
 
 
-def test_tp_block_timed_under_dtensor_on_two_gloo_ranks():
-    from runtime.profile_tp import measure_tp_blocks
+def test_blocks_timed_under_dtensor_and_fsdp2_on_two_gloo_ranks():
+    from runtime.profile_tp import measure_sharded_blocks
 
     done = []
-    timings = measure_tp_blocks(GPT, 2, [1, 2], QUICK, on_done=done.append)
-    assert [(t.tp, t.micro_batch_size) for t in timings] == [(2, 1), (2, 2)] and done == ["tensor-parallel block x2"]
+    tp, fsdp = measure_sharded_blocks(GPT, 2, True, True, [1, 2], QUICK, on_done=done.append)
+    assert [(t.tp, t.micro_batch_size) for t in tp] == [(2, 1), (2, 2)] and done == ["tp/zero2/zero3 blocks x2"]
+    assert [(t.zero, t.dp, t.micro_batch_size) for t in fsdp] == [(2, 2, 1), (2, 2, 2), (3, 2, 1), (3, 2, 2)]
     shard = measure_layers([case("block", tp=2, mbs=2)], QUICK, lambda: None)[0]
-    for t in timings:
+    plain = measure_layers([case("block", mbs=2)], QUICK, lambda: None)[0]
+    for t in [*tp, *fsdp]:
         assert t.fwd_s > 0 and t.bwd_s > 0 and t.fwd_cv >= 0
-    # the real block also runs two all-reduces each way and DTensor's dispatch: never faster than the bare shard
-    assert timings[1].fwd_s + timings[1].bwd_s > shard.fwd_s + shard.bwd_s
+    # the real blocks also run their collectives and the wrappers' dispatch: never faster than the bare layer
+    assert tp[1].fwd_s + tp[1].bwd_s > shard.fwd_s + shard.bwd_s
+    assert fsdp[1].fwd_s + fsdp[1].bwd_s > plain.fwd_s + plain.bwd_s
+    assert measure_sharded_blocks(GPT, 2, False, False, [1], QUICK) == ([], [])
 
 
 def test_layers_timed_on_two_processes_at_once():

@@ -192,3 +192,16 @@ def test_a_block_timed_under_dtensor_replaces_shard_plus_fitted_collectives():
     assert with_real.recompute_extra_s[Recompute.FULL] == pytest.approx(9e-4 + 5e-3)
     assert with_real.recompute_extra_s[Recompute.SELECTIVE] == pytest.approx(1e-4)
     assert with_real.act_bytes == without.act_bytes
+
+
+def test_zero_2_and_3_take_the_measured_fsdp2_cost_per_block_and_micro_batch(tmp_path):
+    from planner.presets import CLUSTERS
+    from planner.profile import FSDPBlockTiming
+    from planner.profiled import ProfiledCosts
+
+    gpu = CLUSTERS["local"].gpu
+    assert ProfiledCosts(make_profile(), gpu).fsdp_block_extra_s(2, 2, 2) is None  # not measured
+    real = FSDPBlockTiming(zero=2, dp=2, micro_batch_size=2, fwd_s=2.5e-3, bwd_s=4.5e-3, fwd_cv=0, bwd_cv=0)
+    costs = ProfiledCosts(make_profile(fsdp_blocks=[real]), gpu)
+    assert costs.fsdp_block_extra_s(2, 2, 2) == pytest.approx(7e-3 - 3e-3)  # less the plain block (1 + 2 ms)
+    assert costs.fsdp_block_extra_s(3, 2, 2) is None and costs.fsdp_block_extra_s(2, 4, 2) is None

@@ -227,3 +227,20 @@ def test_on_cpu_a_pipeline_receive_occupies_the_receiving_rank(tmp_path):
     # as a pure latency, 2-stage 1F1B with 4 micro-batches exposes 4 transfers on its critical path; occupying
     # the receiver, the transfers also delay the receiving rank's own work (5 here)
     assert priced - free > 4.5e-3
+
+
+def test_measured_fsdp2_cost_is_paid_every_micro_batch_on_every_block(tmp_path):
+    from planner.estimate import Config
+    from planner.plan import Schedule
+    from planner.profile import FSDPBlockTiming
+
+    c = Config(tp=1, pp=1, dp=2, vpp=1, sp=False, micro_batch_size=2, num_microbatches=4, zero=2,
+               schedule=Schedule.ONE_F_ONE_B, recompute=(Recompute.NONE,))
+    priced = request(tmp_path, synthetic_profile()).estimator().comm(c)
+    plain = synthetic_profile().layer("block", 1, 2)
+    real = FSDPBlockTiming(zero=2, dp=2, micro_batch_size=2, fwd_s=plain.fwd_s + 1e-3, bwd_s=plain.bwd_s + 2e-3,
+                           fwd_cv=0, bwd_cv=0)
+    measured = request(tmp_path, synthetic_profile().model_copy(update={"fsdp_blocks": [real]})).estimator().comm(c)
+    assert priced.dp_per_microbatch_s == 0.0  # ZeRO 2 gathers once a step in the collective model
+    assert measured.dp_per_microbatch_s == pytest.approx(3e-3 * TINY.num_layers)
+    assert measured.dp_step_s < priced.dp_step_s  # the gathers moved into the per-micro-batch cost
