@@ -10,7 +10,8 @@ formula, the collective fits' held-out error, and the wall time of the default c
    adapted to this model (fp32, no dropout: 4 sbh (4 + 12/t + as/(ht)); selective drops the as/(ht) term; full
    keeps the block input, 4 sbh) and to what torch 2.13's CPU SDPA actually saves (its flash kernel keeps a
    logsumexp of (a/t) s b floats instead of the s x s softmax; LayerNorms keep mean and rstd, 4 bs floats).
-3. Reports each collective's held-out relative error from both runs.
+3. Reports each collective's held-out relative error (worst and median over the held-out sizes) and its mean
+   stall per call from both runs.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def collective_table(*profiles: Profile) -> list[dict]:
         for c in prof.collectives:
             rows.append({"run": run, "op": c.op, "group_size": c.group_size, "alpha_us": c.alpha_s * 1e6,
                          "GBps": 1e-9 / c.beta_s_per_byte if c.beta_s_per_byte else None, "pieces": len(c.pieces),
-                         "fit_rel_error": c.max_rel_error, "holdout_rel_error": c.holdout_rel_error})
+                         "fit_rel_error": c.max_rel_error, "holdout_rel_error": c.holdout_rel_error,
+                         "holdout_median_rel_error": c.holdout_median_rel_error, "stall_us": c.stall_s * 1e6})
     return rows
 
 
