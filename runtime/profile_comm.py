@@ -17,8 +17,6 @@ is kept beside the fit, since a step that makes many calls pays the mean.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import queue
 import random
 import statistics
 import time
@@ -27,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from planner.profile import CollectiveFit, CollectiveOp, fit_collective
+from runtime.spawned import run_spawned
 
 OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
@@ -74,44 +73,21 @@ def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig 
     after each round of each group size. A rank that fails raises RuntimeError with its traceback's last line."""
     if ranks < 2:
         return []
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     from runtime.launch import free_port
 
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, ranks, port, device, config, results), daemon=True)
-             for rank in range(ranks)]
-    for p in procs:
-        p.start()
-    raw: dict[tuple[str, int], list[tuple[int, float]]] = {}
-    deadline = time.monotonic() + config.timeout_s
-    try:
-        while True:
-            try:
-                msg = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"collective benchmark rank died with exit code {dead[0].exitcode}") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"collective benchmark did not finish in {config.timeout_s:.0f} s") from None
-                continue
-            kind = msg[0]
-            if kind == "progress" and on_done is not None:
-                on_done(msg[1])
-            if kind == "error":
-                raise RuntimeError(f"collective benchmark rank {msg[1]} failed: {msg[2]}")
-            if kind == "points":
-                _, op, group, points, stall = msg
-                raw[(op, group)] = (points, stall)
-            if kind == "done":
-                break
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+    raw: dict[tuple[str, int], tuple[list[tuple[int, float]], float]] = {}
+
+    def handle(msg: tuple) -> bool:
+        if msg[0] == "progress" and on_done is not None:
+            on_done(msg[1])
+        if msg[0] == "points":
+            _, op, group, points, stall = msg
+            raw[(op, group)] = (points, stall)
+        return msg[0] == "done"
+
+    run_spawned(_worker, lambda ctx: [(rank, ranks, port, device, config) for rank in range(ranks)],
+                "collective benchmark", config.timeout_s, handle)
     grid = set(config.sizes())
     return [fit_collective(op, group, [p for p in points if p[0] in grid], [p for p in points if p[0] not in grid],
                            stall_s=stall) for (op, group), (points, stall) in raw.items()]

@@ -8,15 +8,13 @@ time the same cases round-robin (runtime/profile_layers.py); a case's time is th
 """
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
 import statistics
-import time
 import traceback
 from typing import Callable
 
 from planner.profile import LayerProfile
 from runtime.profile_layers import LayerCase, TimingConfig, measure_layers
+from runtime.spawned import run_spawned
 
 
 def measure_layers_concurrently(cases: list[LayerCase], config: TimingConfig, ranks: int,
@@ -26,36 +24,20 @@ def measure_layers_concurrently(cases: list[LayerCase], config: TimingConfig, ra
     spread, cv, is the largest of theirs). One process (or fewer than 2 ranks): measure_layers here."""
     if ranks < 2:
         return measure_layers(cases, config, lambda: None, on_round)
-    ctx = mp.get_context("spawn")
-    results, start = ctx.Queue(), ctx.Barrier(ranks)
-    procs = [ctx.Process(target=_worker, args=(i, cases, config, start, results), daemon=True) for i in range(ranks)]
-    for p in procs:
-        p.start()
     measured: dict[int, list[LayerProfile]] = {}
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(measured) < ranks:
-            try:
-                msg = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"layer timing process died with exit code {dead[0].exitcode}") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"layer timing did not finish in {timeout_s:.0f} s") from None
-                continue
-            if msg[0] == "round" and on_round is not None:
-                on_round(msg[1])
-            elif msg[0] == "error":
-                raise RuntimeError(f"layer timing process {msg[1]} failed: {msg[2]}")
-            elif msg[0] == "done":
-                measured[msg[1]] = msg[2]
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+
+    def handle(msg: tuple) -> bool:
+        if msg[0] == "round" and on_round is not None:
+            on_round(msg[1])
+        elif msg[0] == "done":
+            measured[msg[1]] = msg[2]
+        return len(measured) == ranks
+
+    def make_args(ctx) -> list[tuple]:
+        start = ctx.Barrier(ranks)  # every process starts timing together
+        return [(i, cases, config, start) for i in range(ranks)]
+
+    run_spawned(_worker, make_args, "layer timing", timeout_s, handle)
     return [_mean_of(list(per_case)) for per_case in zip(*(measured[i] for i in range(ranks)))]
 
 

@@ -13,8 +13,6 @@ forward + backward until it lasts ``min_sample_s``; a sample's time is the slowe
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import queue
 import statistics
 import time
 import traceback
@@ -23,6 +21,7 @@ from typing import Callable, Sequence
 from planner.profile import FSDPBlockTiming, TPBlockTiming
 from planner.specs import ModelSpec
 from runtime.profile_layers import TimingConfig, coefficient_of_variation
+from runtime.spawned import run_spawned
 
 
 def measure_sharded_blocks(spec: ModelSpec, world: int, tp: bool, fsdp: bool, micro_batch_sizes: Sequence[int],
@@ -50,38 +49,19 @@ def measure_sharded_blocks(spec: ModelSpec, world: int, tp: bool, fsdp: bool, mi
 def _measure(spec: ModelSpec, world: int, wraps: list[str], micro_batch_sizes: Sequence[int], timing: TimingConfig,
              timeout_s: float) -> list[list[tuple[float, float, float, float]]]:
     """Per wrap, per micro-batch size: (fwd_s, bwd_s, fwd_cv, bwd_cv), the slowest rank's medians."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     from runtime.launch import free_port
 
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, world, port, spec, wraps, list(micro_batch_sizes), timing,
-                                               results), daemon=True) for rank in range(world)]
-    what = "/".join(wraps)
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                msg = results.get(timeout=1.0)
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"{what} block benchmark rank died with exit code {dead[0].exitcode}") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{what} block benchmark did not finish in {timeout_s:.0f} s") from None
-                continue
-            if msg[0] == "error":
-                raise RuntimeError(f"{what} block benchmark rank {msg[1]} failed: {msg[2]}")
-            if msg[0] == "done":
-                return msg[1]
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join()
+    out: list = []
+
+    def handle(msg: tuple) -> bool:
+        if msg[0] == "done":
+            out.extend(msg[1])
+        return msg[0] == "done"
+
+    run_spawned(_worker, lambda ctx: [(rank, world, port, spec, wraps, list(micro_batch_sizes), timing)
+                                      for rank in range(world)], f"{'/'.join(wraps)} block benchmark", timeout_s, handle)
+    return out
 
 
 def _worker(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[str], sizes: list[int],
