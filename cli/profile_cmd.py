@@ -64,8 +64,8 @@ def summary_tables(profile: Profile) -> list[Table]:
         comms.add_column(col, justify="left" if col == "op" else "right")
     for c in profile.collectives:
         rate = f"{1e-9 / c.beta_s_per_byte:.2f}" if c.beta_s_per_byte > 0 else "-"
-        comms.add_row(c.op, str(c.group_size), f"{c.alpha_s * 1e6:.0f}", f"{c.stall_s * 1e6:.0f}", rate, str(max(1, len(c.pieces))),
-                      f"{c.max_rel_error:.0%}", _held_out(c))
+        comms.add_row(c.op, str(c.group_size), f"{c.alpha_s * 1e6:.0f}", f"{c.stall_s * 1e6:.0f}", rate,
+                      str(max(1, len(c.pieces))), f"{c.max_rel_error:.0%}", _held_out(c))
     return [layers, comms]
 
 

@@ -174,8 +174,10 @@ class Estimator:
         per_mb = 0.0
         if c.zero == 3:  # weights re-gathered for forward and again for backward of every later micro-batch
             per_mb = 2 * split("all_gather", weight_bytes, units) * (c.num_microbatches > 1)
-        measured = self.costs.fsdp_block_extra_s(c.zero, c.dp, c.micro_batch_size) if c.zero >= 2 and c.tp == 1 else None
-        if measured is not None:  # gathers + FSDP2's hooks, timed per block per micro-batch; reduce-scatter once a step
+        # a profile may have timed ZeRO 2/3's wrapper per block per micro-batch (its gathers and FSDP2's hooks):
+        # then only the reduce-scatter stays a once-a-step collective
+        measured = self.costs.fsdp_block_extra_s(c.zero, c.dp, c.micro_batch_size) if c.zero >= 2 else None
+        if measured is not None and c.tp == 1:
             dp_step = split("reduce_scatter", grad_bytes, units)
             per_mb = measured * -(-self.model.num_layers // c.pp)
         return Comm(tp_block_fwd_s=tp_block, tp_block_bwd_s=tp_block, tp_edge_fwd_s=one if c.tp > 1 else 0.0,

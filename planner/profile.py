@@ -103,11 +103,10 @@ class CollectiveFit(Strict):
         return alpha + beta * nbytes
 
 
-class TPBlockTiming(Strict):
-    """One transformer block as the runtime runs it at TP degree ``tp`` > 1: DTensor-sharded over tp local ranks,
-    its collectives and DTensor's dispatch included (runtime/profile_tp.py). Medians; the slowest rank's."""
+class BlockTiming(Strict):
+    """One transformer block timed as the runtime wraps it, on spawned local ranks (runtime/profile_tp.py):
+    medians of forward and backward, the slowest rank's, and their coefficients of variation."""
 
-    tp: int = Field(gt=1)
     micro_batch_size: int = Field(gt=0)
     fwd_s: float = Field(ge=0)
     bwd_s: float = Field(ge=0)
@@ -115,18 +114,19 @@ class TPBlockTiming(Strict):
     bwd_cv: float = Field(ge=0)
 
 
-class FSDPBlockTiming(Strict):
-    """One transformer block as the runtime runs it for ZeRO ``zero`` (2 or 3) over ``dp`` ranks: FSDP2
-    fully_shard, in a micro-batch that does not reduce gradients, so its parameter gathers and hooks (what every
-    micro-batch pays) are in it and the once-a-step gradient reduce-scatter is not (runtime/profile_tp.py)."""
+class TPBlockTiming(BlockTiming):
+    """At TP degree ``tp`` > 1: DTensor-sharded over tp ranks, its collectives and DTensor's dispatch included."""
+
+    tp: int = Field(gt=1)
+
+
+class FSDPBlockTiming(BlockTiming):
+    """For ZeRO ``zero`` (2 or 3) over ``dp`` ranks: FSDP2 fully_shard, in a micro-batch that does not reduce
+    gradients, so its parameter gathers and hooks (what every micro-batch pays) are in it and the once-a-step
+    gradient reduce-scatter is not."""
 
     zero: Literal[2, 3]
     dp: int = Field(gt=1)
-    micro_batch_size: int = Field(gt=0)
-    fwd_s: float = Field(ge=0)
-    bwd_s: float = Field(ge=0)
-    fwd_cv: float = Field(ge=0)
-    bwd_cv: float = Field(ge=0)
 
 
 class DeviceInfo(Strict):

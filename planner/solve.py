@@ -70,7 +70,8 @@ class SolveRequest:
         return Estimator(self.model, self.cluster, self.train, costs=ProfiledCosts(self.profile, self.cluster.gpu),
                          traits=traits,
                          topology=Topology(self.cluster, fitted_costs=fitted,
-                                           fitted_time={(c.op, c.group_size): c.expected_s for c in self.profile.collectives}),
+                                           fitted_time={(c.op, c.group_size): c.expected_s
+                                                       for c in self.profile.collectives}),
                          device=self.profile.device.device)
 
 

@@ -127,11 +127,11 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     # blocks under DTensor / FSDP2 take several times a plain block: fewer samples keep their spread small enough
     sharded = replace(timing, warmup=min(timing.warmup, 1), repeats=min(timing.repeats, 9))
     tp_blocks, fsdp_blocks = [], []
-    for world in sorted({*tp_blocks_to_time(device, tp_degrees, ranks), ranks}):
-        tp, fsdp = measure_sharded_blocks(spec, world, world in tp_blocks_to_time(device, tp_degrees, ranks),
-                                          world == ranks and times_fsdp_blocks(device, tp_degrees, ranks),
-                                          micro_batch_sizes, sharded, on_done=step)
-        tp_blocks, fsdp_blocks = tp_blocks + tp, fsdp_blocks + fsdp
+    tp_worlds, fsdp = tp_blocks_to_time(device, tp_degrees, ranks), times_fsdp_blocks(device, tp_degrees, ranks)
+    for world in sorted({*tp_worlds, ranks}):
+        tp, fsdp_timed = measure_sharded_blocks(spec, world, world in tp_worlds, world == ranks and fsdp,
+                                                micro_batch_sizes, sharded, on_done=step)
+        tp_blocks, fsdp_blocks = tp_blocks + tp, fsdp_blocks + fsdp_timed
     precision = Precision.BF16 if device == "cuda" else Precision.FP32
     runtime = None
     if calibrate and any(lp.tp == 1 for lp in layers):

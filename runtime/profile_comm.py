@@ -20,12 +20,11 @@ import math
 import random
 import statistics
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 from planner.profile import CollectiveFit, CollectiveOp, fit_collective
-from runtime.spawned import run_spawned
+from runtime.spawned import report_failure, run_spawned
 
 OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 
@@ -141,8 +140,7 @@ def _worker(rank: int, world: int, port: int, device: str, config: CommConfig, r
             results.put(("done",))
         dist.destroy_process_group()
     except Exception as e:  # the parent turns this into one RuntimeError
-        results.put(("error", rank, f"{type(e).__name__}: {e} [{traceback.format_exc().strip().splitlines()[-2]}]"))
-        raise SystemExit(1)
+        report_failure(results, rank, e)
 
 
 class _RankBench:

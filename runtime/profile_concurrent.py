@@ -9,12 +9,11 @@ time the same cases round-robin (runtime/profile_layers.py); a case's time is th
 from __future__ import annotations
 
 import statistics
-import traceback
 from typing import Callable
 
 from planner.profile import LayerProfile
 from runtime.profile_layers import LayerCase, TimingConfig, measure_layers
-from runtime.spawned import run_spawned
+from runtime.spawned import report_failure, run_spawned
 
 
 def measure_layers_concurrently(cases: list[LayerCase], config: TimingConfig, ranks: int,
@@ -59,5 +58,4 @@ def _worker(index: int, cases: list[LayerCase], config: TimingConfig, start, res
         report = (lambda label: results.put(("round", label))) if index == 0 else None
         results.put(("done", index, measure_layers(cases, config, lambda: None, report)))
     except Exception as e:  # the parent turns this into one RuntimeError
-        results.put(("error", index, f"{type(e).__name__}: {e} [{traceback.format_exc().strip().splitlines()[-2]}]"))
-        raise SystemExit(1)
+        report_failure(results, index, e)

@@ -1,11 +1,13 @@
-"""Time one transformer block as the runtime runs it under tensor parallelism (DTensor-sharded over ``tp`` spawned
-local ranks, runtime/parallel/tensor.py's plan) or under ZeRO 2 / 3 (FSDP2 over ``dp`` ranks), collectives included.
+"""Time one transformer block as the runtime runs it under tensor parallelism (DTensor-sharded over ``tp``
+spawned local ranks, runtime/parallel/tensor.py's plan) or under ZeRO 2 / 3 (FSDP2 over ``dp`` ranks),
+collectives included.
 
 The layer profile times a TP degree as its shard, a plain block of hidden/t width, and prices the collectives
 from the alpha-beta fits. On CPU with gloo that missed most of a TP step: DTensor dispatches every sharded op in
 Python and redistributes through extra collectives, and `mpplan validate` measured TP plans 3-6x slower than
-predicted from shard + fitted all-reduces. This measures the real thing; planner/profiled.py prefers it for blocks. Likewise FSDP2 on CPU: its hooks and
-per-micro-batch parameter gathers made ZeRO 2 / 3 plans run 1.6-2.7x their prediction.
+predicted from shard + fitted all-reduces. This measures the real thing; planner/profiled.py prefers it for
+blocks. Likewise FSDP2 on CPU: its hooks and per-micro-batch parameter gathers made ZeRO 2 / 3 plans run
+1.6-2.7x their prediction.
 
 Timing as runtime/profile_layers.py: warm-up samples, then the median of ``repeats`` samples, each repeating
 forward + backward until it lasts ``min_sample_s``; a sample's time is the slowest rank's.
@@ -15,13 +17,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import traceback
 from typing import Callable, Sequence
 
 from planner.profile import FSDPBlockTiming, TPBlockTiming
 from planner.specs import ModelSpec
 from runtime.profile_layers import TimingConfig, coefficient_of_variation
-from runtime.spawned import run_spawned
+from runtime.spawned import report_failure, run_spawned
 
 
 def measure_sharded_blocks(spec: ModelSpec, world: int, tp: bool, fsdp: bool, micro_batch_sizes: Sequence[int],
@@ -42,7 +43,8 @@ def measure_sharded_blocks(spec: ModelSpec, world: int, tp: bool, fsdp: bool, mi
                  for mbs, (f, b, fcv, bcv) in zip(micro_batch_sizes, per_wrap.get("tp", []))]
     fsdp_blocks = [FSDPBlockTiming(zero=zero, dp=world, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=fcv,
                                    bwd_cv=bcv)
-                   for zero in (2, 3) for mbs, (f, b, fcv, bcv) in zip(micro_batch_sizes, per_wrap.get(f"zero{zero}", []))]
+                   for zero in (2, 3)
+                   for mbs, (f, b, fcv, bcv) in zip(micro_batch_sizes, per_wrap.get(f"zero{zero}", []))]
     return tp_blocks, fsdp_blocks
 
 
@@ -59,8 +61,10 @@ def _measure(spec: ModelSpec, world: int, wraps: list[str], micro_batch_sizes: S
             out.extend(msg[1])
         return msg[0] == "done"
 
-    run_spawned(_worker, lambda ctx: [(rank, world, port, spec, wraps, list(micro_batch_sizes), timing)
-                                      for rank in range(world)], f"{'/'.join(wraps)} block benchmark", timeout_s, handle)
+    def make_args(ctx) -> list[tuple]:
+        return [(rank, world, port, spec, wraps, list(micro_batch_sizes), timing) for rank in range(world)]
+
+    run_spawned(_worker, make_args, f"{'/'.join(wraps)} block benchmark", timeout_s, handle)
     return out
 
 
@@ -103,8 +107,7 @@ def _worker(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[str],
         dist.barrier()
         dist.destroy_process_group()
     except Exception as e:  # the parent turns this into one RuntimeError
-        results.put(("error", rank, f"{type(e).__name__}: {e} [{traceback.format_exc().strip().splitlines()[-2]}]"))
-        raise SystemExit(1)
+        report_failure(results, rank, e)
 
 
 def _time(block, x, grad, timing: TimingConfig, dist) -> tuple[list[float], list[float]]:

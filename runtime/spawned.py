@@ -9,7 +9,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 import time
+import traceback
 from typing import Callable, Sequence
+
+
+def report_failure(results, rank: int, error: Exception) -> None:
+    """In a spawned process: send ``error`` as one line (with the failing source line) and exit 1;
+    run_spawned raises it in the parent."""
+    where = traceback.format_exc().strip().splitlines()[-2]
+    results.put(("error", rank, f"{type(error).__name__}: {error} [{where}]"))
+    raise SystemExit(1)
 
 
 def run_spawned(target: Callable[..., None], make_args: Callable[[mp.context.SpawnContext], Sequence[tuple]],

@@ -125,9 +125,9 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
         cpu_times.append(time.process_time() - cpu_start)
         losses.append(_global_mean_loss(loss, par.dp * par.tp, device))
     peaks = _gather_ints(memory.peak_bytes(), device)
-    busy = [round(1e6 * statistics.median(c / t for c, t in zip(cpu_times[settings.warmup_steps:],
-                                                                times[settings.warmup_steps:]) if t > 0))]
-    busy_per_rank = [b / 1e6 for b in _gather_ints(busy[0], device)]
+    steady = zip(cpu_times[settings.warmup_steps:], times[settings.warmup_steps:])
+    busy_ppm = round(1e6 * statistics.median(c / t for c, t in steady if t > 0))  # gathered as an integer
+    busy_per_rank = [b / 1e6 for b in _gather_ints(busy_ppm, device)]
     dist.barrier()
     if dist.get_rank() != 0:
         return None
