@@ -32,18 +32,15 @@ them evenly within the memory cap afterwards (same objective, better pipelining)
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pulp
 
 from planner.partition_bounds import min_bottleneck_s, min_memory_partition, min_rank_memory_bytes
+from planner.quiet import fd_to_devnull
 from planner.specs import Recompute
 
 __all__ = ["BlockOption", "PartitionProblem", "PartitionResult", "Evaluation", "evaluate", "solve_partition",
@@ -96,6 +93,9 @@ class PartitionProblem:
     memory_cap_bytes: float = math.inf
     """Per pipeline rank: device memory minus the reserve."""
     min_blocks_per_stage: int = 0
+    stage_extra_bytes: tuple[float, ...] = ()
+    """Per stage, memory beside weights and activations that its blocks do not change (the pipeline library's
+    buffers, the loss's backward; planner/memory.py); empty for none."""
 
     def __post_init__(self) -> None:
         S = self.num_stages
@@ -111,12 +111,14 @@ class PartitionProblem:
              f"stage_rank {self.stage_rank} must use every rank 0..R-1"),
             (self.num_microbatches >= 1, f"num_microbatches must be >= 1, got {self.num_microbatches}"),
             (self.min_blocks_per_stage >= 0, f"min_blocks_per_stage must be >= 0, got {self.min_blocks_per_stage}"),
+            (len(self.stage_extra_bytes) in (0, S),
+             f"stage_extra_bytes needs one value per stage or none, got {len(self.stage_extra_bytes)}"),
             (self.num_blocks >= S * self.min_blocks_per_stage,
              f"{self.num_blocks} blocks cannot give each of {S} stages {self.min_blocks_per_stage} blocks"),
         ]
         numbers = [self.block_static_bytes, *self.inflight, self.first_time_s, self.first_static_bytes,
                    self.first_act_bytes, self.last_time_s, self.last_static_bytes, self.last_act_bytes,
-                   self.boundary_time_s, *(x for o in self.options for x in (o.time_s, o.act_bytes))]
+                   self.boundary_time_s, *self.stage_extra_bytes, *(x for o in self.options for x in (o.time_s, o.act_bytes))]
         checks.append((all(x >= 0 and math.isfinite(x) for x in numbers), "times, bytes and inflight must be finite, >= 0"))
         checks.append((self.memory_cap_bytes > 0, f"memory_cap_bytes must be > 0, got {self.memory_cap_bytes}"))
         for ok, message in checks:
@@ -140,10 +142,11 @@ class PartitionProblem:
             + self.boundary_time_s * neighbours
 
     def stage_fixed_bytes(self, j: int) -> float:
-        """Stage j's memory that does not depend on its blocks: embedding and head, static + in-flight activations."""
+        """Stage j's memory that does not depend on its blocks: embedding and head (static + in-flight
+        activations) and its extra bytes."""
         first = self.first_static_bytes + self.inflight[j] * self.first_act_bytes if j == 0 else 0.0
         last = self.last_static_bytes + self.inflight[j] * self.last_act_bytes if j == self.num_stages - 1 else 0.0
-        return first + last
+        return first + last + (self.stage_extra_bytes[j] if self.stage_extra_bytes else 0.0)
 
     def block_bytes(self, j: int, option: BlockOption) -> float:
         """One block's memory on stage j in the given mode."""
@@ -226,25 +229,6 @@ def _make_solver(name: str, time_limit_s: float) -> pulp.LpSolver:
             warnings.simplefilter("ignore", DeprecationWarning)
             return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=0.0, gapAbs=0.0, keepFiles=False)
     raise ValueError(f"unknown solver {name!r}; use {HIGHS!r} or {CBC!r}")
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Iterator[None]:
-    """highspy 1.16 prints a banner to the C-level stdout the first time a Highs() is built, ignoring
-    output_flag; stdout is data (`--json`), so file descriptor 1 points at /dev/null while a solver runs."""
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no fd 1 at all: nothing to protect
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _variable(prob: pulp.LpProblem, name: str, low: float, up: float | None, cat: str) -> pulp.LpVariable:
@@ -364,7 +348,9 @@ def solve_partition(problem: PartitionProblem, time_limit_s: float = 10.0, solve
         return None
     floor_s = min_bottleneck_s(problem, upper_s=max(evaluate(problem, fallback_counts).rank_time_s))
     prob, n, t_unit = _build(problem, integer=True, bottleneck_floor_s=floor_s)
-    with _quiet_stdout():
+    # highspy 1.16 prints a banner to the C-level stdout the first time a Highs() is built, ignoring
+    # output_flag; stdout is data (`--json`)
+    with fd_to_devnull(1):
         prob.solve(_make_solver(name, time_limit_s))
         status = solver_status(prob.status, prob.sol_status)
         counts = _integral_counts(problem, n) if status in ("optimal", "feasible") else None
