@@ -38,7 +38,7 @@ def plans_table(plans: list[Plan], title: str) -> Table:
 def stages_table(plan: Plan) -> Table:
     t = Table(title="Chosen plan: pipeline ranks (memory per GPU, GiB)", title_justify="left")
     for col in ("rank", "blocks", "recompute (full/sel/none)", "time/µbatch", "params", "grads", "optimizer",
-                "activations", "reserve", "total", "of device"):
+                "activations", "pipeline buffers", "reserve", "total", "of device"):
         t.add_column(col, justify="left" if col in ("blocks", "recompute (full/sel/none)") else "right")
     cap = plan.cluster.gpu.memory_bytes
     pp = plan.parallel.pp
@@ -52,7 +52,8 @@ def stages_table(plan: Plan) -> Table:
         rec = ", ".join("/".join(str(s.recompute.get(m, 0)) for m in ("full", "selective", "none")) for s in mine)
         m = sp.memory
         t.add_row(str(r), blocks, rec, fmt_time(sp.time_s), fmt_gib(m.params_bytes), fmt_gib(m.grads_bytes),
-                  fmt_gib(m.optimizer_bytes), fmt_gib(m.activations_bytes), fmt_gib(m.reserve_bytes),
+                  fmt_gib(m.optimizer_bytes), fmt_gib(m.activations_bytes), fmt_gib(m.pipeline_buffers_bytes),
+                  fmt_gib(m.reserve_bytes),
                   fmt_gib(m.total_bytes), f"{m.total_bytes / cap:.0%}")
     return t
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from planner.costmodel import AnalyticCosts, LayerCost, RuntimeTraits, model_flops_per_step
+from planner.memory import (gradients_persist, held_at_peak, logits_bytes, loss_backward_bytes,
+                            pipeline_buffer_bytes)
 from planner.partition import BlockOption, PartitionProblem, PartitionResult
 from planner.plan import MemoryBreakdown, MeshAxis, Prediction, Schedule, StagePrediction
 from planner.schedule import inflight_per_stage as _inflight_per_stage, interleaved_round_size, simulate
@@ -112,6 +114,25 @@ class Estimator:
             w /= dp
         return w, g, o
 
+    def held_bytes_per_param(self, c: Config) -> tuple[float, float, float]:
+        """(weights, grads, optimizer) bytes per parameter one rank holds at its peak with mpplan's runtime:
+        ZeRO's partitioning, and what FSDP2 (ZeRO 2/3, runtime/parallel/data.py) holds beside it, found in the
+        allocation events of real runs (torch 2.13):
+        - the weights are sharded at ZeRO 2 too, and every block's gathered weights stay from its forward to its
+          backward beside the shards at ZeRO 2
+          (reshard_after_forward=False) and inside a pipeline (torch.distributed.pipelining turns
+          reshard_after_backward off between micro-batches);
+        - with several micro-batches the gradients accumulate unsharded between reduce-scatters
+          (requires_gradient_sync off), so each rank holds them in full."""
+        w, g, o = self.static_bytes_per_param(c.zero, c.dp)
+        if c.zero >= 2 and c.dp > 1:
+            w = self.train.weight_bytes / c.dp  # FSDP2 shards the weights at ZeRO 2 as well
+            if c.zero == 2 or c.pp > 1:
+                w += self.train.weight_bytes
+            if c.num_microbatches > 1:
+                g = self.train.grad_bytes
+        return w, g, o
+
     def fixed_reserve_bytes(self) -> float:
         """CUDA: context, kernels and library workspaces. CPU: what the runtime calibration measured beyond
         tensors (ProfiledCosts.runtime_fixed_bytes; 0 without one)."""
@@ -119,16 +140,40 @@ class Estimator:
             return CUDA_FIXED_RESERVE_BYTES
         return self.costs.runtime_fixed_bytes
 
+    def fragmentation(self) -> float:
+        """CUDA's caching allocator holds more than it hands out; on CPU the measured peak is of live tensor
+        bytes (runtime/memory_meter.py), with nothing held on top."""
+        return FRAGMENTATION if self.device == "cuda" else 0.0
+
     def reserve_bytes(self, allocated: float) -> float:
-        return self.fixed_reserve_bytes() + FRAGMENTATION * allocated
+        return self.fixed_reserve_bytes() + self.fragmentation() * allocated
 
     def memory_cap_bytes(self) -> float:
         """What partitions may allocate: device memory minus the fixed reserve, less fragmentation."""
-        return (self.cluster.gpu.memory_bytes - self.fixed_reserve_bytes()) / (1 + FRAGMENTATION)
+        return (self.cluster.gpu.memory_bytes - self.fixed_reserve_bytes()) / (1 + self.fragmentation())
+
+    def boundary_bytes(self, c: Config) -> float:
+        """One micro-batch's activation between neighbouring pipeline stages, sharded over TP when SP is on."""
+        return self.costs.block(c.tp, c.sp, c.micro_batch_size).tp_comm_bytes / (c.tp if c.sp else 1)
+
+    def loss_transient_bytes(self, c: Config) -> float:
+        return loss_backward_bytes(c.micro_batch_size, self.model.seq_len, self.model.vocab_size)
+
+    def pipeline_buffers(self, c: Config, inflight: tuple[int, ...]) -> list[float]:
+        """Per virtual stage, torch.distributed.pipelining's receive and send buffers (0 without a pipeline)."""
+        stages, a = c.pp * c.vpp, self.boundary_bytes(c)
+        if c.pp == 1:
+            return [0.0] * stages
+        logits = logits_bytes(c.micro_batch_size, self.model.seq_len, self.model.vocab_size, self.costs.elem_bytes)
+        return [pipeline_buffer_bytes(c.schedule, j, stages, c.num_microbatches, a, logits, inflight[j])
+                for j in range(stages)]
 
     def zero3_gather_bytes(self, c: Config) -> float:
-        """ZeRO-3 gathers one block's full weights ahead of use, and prefetches the next (x2)."""
-        return 2 * self.costs.block(c.tp, c.sp, c.micro_batch_size).params * self.train.weight_bytes if c.zero == 3 else 0.0
+        """ZeRO-3 gathers one block's full weights ahead of use, and prefetches the next (x2); inside a pipeline
+        they are all held already (held_bytes_per_param)."""
+        if c.zero != 3 or c.pp > 1:
+            return 0.0
+        return 2 * self.costs.block(c.tp, c.sp, c.micro_batch_size).params * self.train.weight_bytes
 
     # ------------------------------------------------------------------ communication
     def comm(self, c: Config) -> Comm:
@@ -197,16 +242,18 @@ class Estimator:
         mbs = c.micro_batch_size
         block, emb, head = (self.costs.block(c.tp, c.sp, mbs), self.costs.embedding(c.tp, c.sp, mbs),
                             self.costs.head(c.tp, c.sp, mbs))
-        w, g, o = self.static_bytes_per_param(c.zero, c.dp)
+        w, g, o = self.held_bytes_per_param(c)
         per_param = w + g + o
         options = tuple(BlockOption(mode=m, time_s=self.block_time_s(block, m, comm, c), act_bytes=block.act_bytes[m])
                         for m in c.recompute)
         stages = c.pp * c.vpp
-        zb = c.zero == 3
+        inflight = inflight_per_stage(c.schedule, c.pp, c.vpp, c.num_microbatches)
+        extra = self.pipeline_buffers(c, inflight)
+        extra[-1] += self.loss_transient_bytes(c)
         return PartitionProblem(
             num_blocks=self.model.num_layers, options=options, block_static_bytes=block.params * per_param,
             num_stages=stages, stage_rank=tuple(j % c.pp for j in range(stages)),
-            inflight=tuple(float(x) for x in inflight_per_stage(c.schedule, c.pp, c.vpp, c.num_microbatches)),
+            inflight=tuple(float(x) for x in inflight), stage_extra_bytes=tuple(extra),
             num_microbatches=c.num_microbatches,
             first_time_s=emb.time_s() + 2 * comm.tp_edge_fwd_s, first_static_bytes=emb.params * per_param,
             first_act_bytes=emb.act_bytes[Recompute.NONE],
@@ -215,7 +262,7 @@ class Estimator:
             boundary_time_s=comm.p2p_s * 2,  # the activation forward and its gradient backward
             # at least 1 byte: a limit below the fixed reserve (or the ZeRO-3 gathers) leaves room for
             # nothing, so the search rejects the configuration as out of memory instead of failing
-            memory_cap_bytes=max(self.memory_cap_bytes() - (self.zero3_gather_bytes(c) if zb else 0.0)
+            memory_cap_bytes=max(self.memory_cap_bytes() - self.zero3_gather_bytes(c)
                                  - max(recompute_transient_bytes(block, m) for m in c.recompute), 1.0),
             min_blocks_per_stage=1 if stages > 1 else 0)
 
@@ -254,7 +301,9 @@ class Estimator:
         # data-parallel gradient reduction: hidden behind the last micro-batch's backward when the runtime
         # overlaps it (DDP buckets / FSDP2 reduce-scatter in backward), else fully exposed
         inflight = inflight_per_stage(c.schedule, c.pp, c.vpp, c.num_microbatches)
-        w, g, o = self.static_bytes_per_param(c.zero, c.dp)
+        w, g, o = self.held_bytes_per_param(c)
+        buffers = self.pipeline_buffers(c, inflight)
+        grads_persist = gradients_persist(c.tp, c.pp, c.dp, c.zero)
         rank_stats = []
         for r in range(c.pp):
             js = [j for j in range(stages) if j % c.pp == r]
@@ -263,13 +312,19 @@ class Estimator:
             acts = sum(sum(k * block.act_bytes[m] for m, k in part.counts[j].items()) * inflight[j] for j in js)
             acts += (emb.act_bytes[Recompute.NONE] * inflight[0] if 0 in js else 0)
             acts += (head.act_bytes[Recompute.NONE] * inflight[-1] if stages - 1 in js else 0)
-            acts += max((recompute_transient_bytes(block, m) for j in js for m, k in part.counts[j].items() if k),
-                        default=0.0)
+            recomputed = max((recompute_transient_bytes(block, m) for j in js for m, k in part.counts[j].items() if k),
+                             default=0.0)
+            loss = self.loss_transient_bytes(c) if stages - 1 in js else 0.0
+            in_flight = sum(inflight[j] for j in js)
+            # a forward after a backward on this rank: the most micro-batches in flight meet every gradient
+            grads_first = grads_persist or in_flight < c.num_microbatches * len(js)
+            held = held_at_peak(acts, acts / max(in_flight, 1), params * g, loss, recomputed, grads_first)
+            pipe = sum(buffers[j] for j in js)
             gather = self.zero3_gather_bytes(c)
-            allocated = params * (w + g + o) + acts + gather
+            allocated = params * (w + o) + held + pipe + gather
             mem = MemoryBreakdown(params_bytes=int(params * w + gather), grads_bytes=int(params * g),
-                                  optimizer_bytes=int(params * o), activations_bytes=int(acts),
-                                  reserve_bytes=int(self.reserve_bytes(allocated)),
+                                  optimizer_bytes=int(params * o), activations_bytes=int(held - params * g),
+                                  pipeline_buffers_bytes=int(pipe), reserve_bytes=int(self.reserve_bytes(allocated)),
                                   total_bytes=int(allocated + self.reserve_bytes(allocated)))
             rank_time = sum(fwd[j] + bwd[j] for j in js)
             rank_stats.append((mem, rank_time, params, min(bwd[j] for j in js)))

@@ -81,9 +81,13 @@ class MemoryBreakdown(Strict):
     grads_bytes: int
     optimizer_bytes: int
     activations_bytes: int
+    """Saved activations at the peak, with the one-off transient of a backward (a recomputed block, the loss),
+    net of what backward has freed where the gradients only appear during it (planner/memory.py)."""
     reserve_bytes: int
     """Allocator fragmentation, workspaces, communication buffers (see costmodel.RESERVE)."""
     total_bytes: int
+    pipeline_buffers_bytes: int = 0
+    """torch.distributed.pipelining's receive buffers and not yet waited sends."""
 
 
 class StagePrediction(Strict):

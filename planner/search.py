@@ -173,7 +173,7 @@ def uniform_pipeline_s(est: Estimator, c: Config, rank_time_s: float) -> float:
 def static_memory_floor_bytes(est: Estimator, c: Config) -> float:
     """Weights, gradients and optimizer state of an even share of the model on one GPU: no partition holds less
     on its fullest rank."""
-    w, g, o = est.static_bytes_per_param(c.zero, c.dp)
+    w, g, o = est.held_bytes_per_param(c)
     return est.model.total_params / (c.tp * c.pp) * (w + g + o)
 
 

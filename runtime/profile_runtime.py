@@ -1,16 +1,16 @@
 """Calibrate what mpplan's own training loop adds to the sum of the profiled layers, on this machine.
 
 The layer profile (runtime/profile_layers.py) times each layer alone. A training step also pays the optimizer,
-zero_grad, the loop and the loss per micro-batch, and (on CPU) its resident memory grows by more than the
-tensors it keeps: backward holds activation gradients beside the saved activations, and kernels create
-workspaces on first use. Three single-rank runs of the whole model with the real runtime (runtime/launch.py,
+zero_grad, the loop and the loss per micro-batch, and its peak holds more than the saved activations (backward's
+activation gradients, kernels' workspaces). Three single-rank runs of the whole model with the real runtime (runtime/launch.py,
 runtime/train.py, no parallelism) measure these; the parallel plans `mpplan validate` checks are not among them.
 
     t(mbs, m) = step + m * (layers(mbs) + per_microbatch) + optimizer      runs (mbs0, 1) and (mbs0, 4)
-    peak(mbs) = fixed + static + factor * saved_activations(mbs)          runs (mbs0, 1) and (mbs1, 1)
+    peak(mbs) = fixed + static + factor * saved_activations(mbs) + loss(mbs)   runs (mbs0, 1) and (mbs1, 1)
 
-with static = parameters x (weight + grad + AdamW state) bytes. The AdamW step is timed separately on the
-model's own parameters.
+with static = parameters x (weight + AdamW state) bytes (one micro-batch peaks before its gradients exist) and
+loss the logits-sized gradients at the start of backward (planner/memory.py). The AdamW step is timed separately
+on the model's own parameters.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from planner.memory import loss_backward_bytes
 from planner.plan import MemoryBreakdown, Parallel, Plan, Prediction, Schedule, SolverInfo, StagePlan, StagePrediction
 from planner.profile import LayerProfile, RuntimeCalibration, RuntimeRun
 from planner.specs import ModelSpec, Precision, Recompute, TrainSpec, load_cluster
@@ -87,6 +88,10 @@ def _layer_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: 
             + spec.num_layers * by_kind["block"].activation_bytes[none])
 
 
+def _loss_bytes(spec: ModelSpec, mbs: int) -> float:
+    return loss_backward_bytes(mbs, spec.seq_len, spec.vocab_size)
+
+
 def side_by_side(job: Job, copies: int) -> list[dict]:
     """Run ``copies`` one-rank copies of ``job`` at once (as the layers were timed: every core busy, see
     runtime/profile_concurrent.py); each plan's report from the first copy, with the step time averaged over all."""
@@ -137,12 +142,16 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     per_mb = max(0.0, (long_.step_time_s - one.step_time_s) / (MICROBATCHES_LONG - 1) - layer_time)
     step = max(0.0, one.step_time_s - layer_time - per_mb - opt_per_param * params)
     weight = 4 if precision == Precision.FP32 else 2
-    static = params * (2 * weight + optimizer_bytes_per_param)
+    # one micro-batch, gradients set to None: the peak is the start of backward, before any gradient exists
+    # (planner/memory.py held_at_peak), with the loss's backward transient on top of the saved activations
+    static = params * (weight + optimizer_bytes_per_param)
     factor = 1.0
     if len(runs) == 3:
         extra_acts = _layer_sum(layers, spec, large, "bytes") - _layer_sum(layers, spec, small, "bytes")
+        extra_loss = _loss_bytes(spec, large) - _loss_bytes(spec, small)
         if extra_acts > 0:
-            factor = max(1.0, (runs[2].peak_bytes - one.peak_bytes) / extra_acts)
-    fixed = max(0, round(one.peak_bytes - static - factor * _layer_sum(layers, spec, small, "bytes")))
+            factor = max(1.0, (runs[2].peak_bytes - one.peak_bytes - extra_loss) / extra_acts)
+    modelled = static + factor * _layer_sum(layers, spec, small, "bytes") + _loss_bytes(spec, small)
+    fixed = max(0, round(one.peak_bytes - modelled))
     return RuntimeCalibration(step_overhead_s=step, microbatch_overhead_s=per_mb, optimizer_s_per_param=opt_per_param,
                               fixed_bytes=fixed, activation_peak_factor=factor, runs=runs)

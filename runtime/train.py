@@ -13,7 +13,6 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,11 +20,16 @@ import torch.distributed as dist
 from planner.plan import MeshAxis, Plan
 from planner.specs import ModelSpec
 from runtime.data import TokenSource
+from runtime.memory_meter import MemoryMeter
 from runtime.model import Transformer, lm_loss
 from runtime.parallel.data import apply_data_parallel
 from runtime.parallel.mesh import build_mesh
 from runtime.parallel.pipeline import PipelineRunner, build_local_stages
 from runtime.parallel.tensor import apply_tensor_parallel
+
+
+# Steps the CPU memory meter watches: the second is the first with AdamW's state alive through forward and backward
+MEMORY_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -39,41 +43,9 @@ class RunSettings:
 
     @property
     def warmup_steps(self) -> int:
-        """Steps left out of the step-time median (first-call allocations, lazy pipeline shape inference)."""
-        return min(max(1, self.steps // 5), self.steps - 1)
-
-
-def _rss_bytes(field: str) -> int:
-    # Linux /proc/self/status: VmRSS (resident now), VmHWM (peak resident since start or last reset), in kB
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    # writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0, proc(5))
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-class MemoryMeter:
-    """Peak memory of this rank from now on: CUDA max allocated, or on CPU peak resident growth over the
-    resident size at construction (the pre-model baseline)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.baseline = torch.cuda.memory_allocated(device)
-        else:
-            _reset_peak_rss()
-            self.baseline = _rss_bytes("VmRSS")
-
-    def peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        return max(0, _rss_bytes("VmHWM") - self.baseline)
+        """Steps left out of the step-time median: first-call allocations, lazy pipeline shape inference, and the
+        MEMORY_STEPS the CPU memory meter watches (where there are more steps than those)."""
+        return min(max(MEMORY_STEPS, self.steps // 5), self.steps - 1) if self.steps > 1 else 0
 
 
 def _autocast(device: torch.device):
@@ -124,6 +96,9 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
         losses.append(_global_mean_loss(loss, par.dp * par.tp, device))
+        if step + 1 == min(MEMORY_STEPS, settings.steps):
+            memory.stop_watching()  # the CPU meter's profiler would slow the timed steps ...
+            dist.barrier()  # ... and so would a rank still writing out its events
     peaks = _gather_ints(memory.peak_bytes(), device)
     steady = zip(cpu_times[settings.warmup_steps:], times[settings.warmup_steps:])
     busy_ppm = round(1e6 * statistics.median(c / t for c, t in steady if t > 0))  # gathered as an integer
@@ -136,9 +111,10 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
     report = build_report(plan, settings, device, losses, step_time, peaks, pp_ranks,
                         {"tensor": tensor_desc, "data": dp.wrapper,
                          "pipeline": pipeline.name if pipeline else "none (pp = 1): gradient accumulation",
-                         "recompute": plan.recompute}, source.description)
+                         "recompute": plan.recompute}, source.description, memory.kind)
     # CPU time of the rank's process (all its threads) per second of step: near 1 computing, lower waiting
     report["measured"]["cpu_busy_per_rank"] = busy_per_rank
+    report["measured"]["step_times_s"] = times  # every step on rank 0, warm-up included
     return report
 
 
@@ -181,7 +157,8 @@ def _error_pct(measured: float, predicted: float) -> float | None:
 
 
 def build_report(plan: Plan, settings: RunSettings, device: torch.device, losses: list[float], step_time_s: float,
-                 peaks: list[int], pp_ranks: list[int], wrappers: dict[str, str], data: str) -> dict:
+                 peaks: list[int], pp_ranks: list[int], wrappers: dict[str, str], data: str,
+                 memory_kind: str) -> dict:
     """The run report: what ran, what was measured, and each measurement beside the plan's prediction."""
     par, pred = plan.parallel, plan.predicted
     tokens_per_s = plan.tokens_per_step / step_time_s
@@ -202,8 +179,7 @@ def build_report(plan: Plan, settings: RunSettings, device: torch.device, losses
         "data": data, "steps": settings.steps, "warmup_steps": settings.warmup_steps, "seed": settings.seed,
         "losses": losses,
         "measured": {"step_time_s": step_time_s, "tokens_per_s": tokens_per_s,
-                     "peak_memory_bytes": max(peaks), "memory_kind": "cuda max allocated" if device.type == "cuda"
-                     else "peak resident growth over the pre-model baseline"},
+                     "peak_memory_bytes": max(peaks), "memory_kind": memory_kind},
         "predicted": {"step_time_s": pred.step_time_s, "tokens_per_s": pred.tokens_per_s,
                       "peak_memory_bytes": pred.peak_memory_bytes},
         "error_pct": {"step_time_s": _error_pct(step_time_s, pred.step_time_s),

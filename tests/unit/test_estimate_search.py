@@ -47,8 +47,9 @@ def test_memory_breakdown_adds_up(gpt13_64):
     for p in gpt13_64.plans:
         for st in p.predicted.stages:
             m = st.memory
-            parts = m.params_bytes + m.grads_bytes + m.optimizer_bytes + m.activations_bytes + m.reserve_bytes
-            assert abs(parts - m.total_bytes) <= 5  # int rounding of five parts
+            parts = (m.params_bytes + m.grads_bytes + m.optimizer_bytes + m.activations_bytes
+                     + m.pipeline_buffers_bytes + m.reserve_bytes)
+            assert abs(parts - m.total_bytes) <= 6  # int rounding of six parts
 
 
 def test_every_rejection_has_a_reason(gpt13_64):
@@ -86,7 +87,9 @@ def test_zero_sharding_shrinks_static_memory():
 
 def test_per_stage_recompute_front_loads_under_1f1b():
     """With memory tight, early 1F1B stages (more micro-batches in flight) recompute at least as much as late ones."""
-    req = SolveRequest.build(gpus=64, model="gpt3-175b", global_batch=512, memory_limit=55 * 10**9)
+    # 64 micro-batches: torch.distributed.pipelining keeps a receive buffer per micro-batch and direction (50 MB
+    # each here), so 512 of them would not fit beside the weights at all
+    req = SolveRequest.build(gpus=64, model="gpt3-175b", global_batch=64, memory_limit=60 * 10**9)
     res = run_solve(req, Pins(tp=8, pp=8, mbs=1, zero=0, sp=False, schedule=Schedule.ONE_F_ONE_B), top_k=1)
     p = res.plans[0]
     share = [(s.recompute.get(Recompute.FULL, 0) + s.recompute.get(Recompute.SELECTIVE, 0)) / s.num_blocks
