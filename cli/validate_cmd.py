@@ -101,6 +101,10 @@ def render(console: Console, outcomes: list[PlanOutcome], summary: Summary) -> N
     if summary.run_spread is not None:
         console.print(f"noise floor: the same plan's step time moved {summary.run_spread:.1%} between runs "
                       "(median over plans)")
+    if summary.machine_slowdown is not None and summary.step_time_mape_same_speed is not None:
+        console.print(f"machine speed: a profiled block ran {summary.machine_slowdown:.2f}x its profiled time "
+                      f"(median over plans); step-time error at the profiled speed "
+                      f"{summary.step_time_mape_same_speed:.1%}")
     if summary.memory_limit_bytes is not None:
         console.print(f"memory limit {summary.memory_limit_bytes / MiB:.1f} MiB per rank: "
                       f"{len(summary.violations)} rank(s) over it")
@@ -190,7 +194,8 @@ def validate_command(
         chosen = spread(plans, max_plans)
         console.print(f"{len(plans)} feasible plans; running {len(chosen)} for {steps} steps each on {ranks} ranks"
                       + (f", {repeats} rounds" if repeats > 1 else ""))
-        rounds = [[_run_one(rank, plan, steps, timeout, console) for rank, plan in chosen] for _ in range(repeats)]
+        rounds = [[_run_one(rank, plan, steps, timeout, console, _profiled_block_s(req, plan)) for rank, plan in chosen]
+                  for _ in range(repeats)]
         outcomes = [combine_repeats(runs) for runs in zip(*rounds)]
     summary = summarize(outcomes, memory_limit)
     result = {"model": req.model.name, "ranks": ranks, "cores": cores, "global_batch": global_batch,
@@ -206,7 +211,13 @@ def validate_command(
         print(json.dumps(result))
 
 
-def _run_one(solver_rank: int, plan: Plan, steps: int, timeout: float, console: Console) -> PlanOutcome:
+def _profiled_block_s(req, plan: Plan) -> float | None:
+    block = req.profile.layer("block", 1, plan.micro_batch_size) if req.profile else None
+    return block.fwd_s + block.bwd_s if block else None
+
+
+def _run_one(solver_rank: int, plan: Plan, steps: int, timeout: float, console: Console,
+             profiled_block_s: float | None) -> PlanOutcome:
     from runtime.launch import Job, RankFailed, spawn_local
 
     busy = busy_cpus()
@@ -216,7 +227,7 @@ def _run_one(solver_rank: int, plan: Plan, steps: int, timeout: float, console: 
                                 plan.parallel.world_size, timeout_s=timeout)
     except RankFailed as e:
         return outcome_from_report(solver_rank, plan, None, error=str(e), busy_cpus=busy)
-    return outcome_from_report(solver_rank, plan, report, busy_cpus=busy)
+    return outcome_from_report(solver_rank, plan, report, busy_cpus=busy, profiled_block_s=profiled_block_s)
 
 
 def _outcome_dict(o: PlanOutcome) -> dict:

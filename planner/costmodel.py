@@ -30,11 +30,17 @@ class RuntimeTraits:
     """Data-parallel gradient reduction runs during the last micro-batch's backward."""
     grad_reduce_bytes: int = 0
     """Bytes per gradient element on the wire; 0 = the training precision's grad bytes."""
+    torch_distributed: bool = True
+    """Pipelines and ZeRO 2/3 run on torch.distributed.pipelining and FSDP2, with what they hold (receive buffers
+    per micro-batch, gathered weights, unsharded gradients; planner/memory.py) and gradients set to None between
+    steps outside DDP. False: a framework that receives into fresh tensors and keeps its gradient buffers."""
 
 
 # Megatron-LM as it ran Table 1 of Narayanan et al. 2021 (arXiv 2104.04473): unfused softmax attention with
-# dropout 0.1, and no overlap of the data-parallel all-reduce with backward (--overlap-grad-reduce came in 2023).
-MEGATRON_2021 = RuntimeTraits(flash_attention=False, dropout=True, overlap_grad_reduce=False)
+# dropout 0.1, no overlap of the data-parallel all-reduce with backward (--overlap-grad-reduce came in 2023), and
+# its own p2p and contiguous gradient buffers.
+MEGATRON_2021 = RuntimeTraits(flash_attention=False, dropout=True, overlap_grad_reduce=False,
+                              torch_distributed=False)
 
 # --- GEMM efficiency ------------------------------------------------------------------------------------------
 # Achieved fraction of the tensor-core peak for a GEMM of shape (M x K) @ (K x N): large GEMMs reach about 85 % at

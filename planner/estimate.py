@@ -129,7 +129,7 @@ class Estimator:
         - with several micro-batches the gradients accumulate unsharded between reduce-scatters
           (requires_gradient_sync off), so each rank holds them in full."""
         w, g, o = self.static_bytes_per_param(c.zero, c.dp)
-        if c.zero >= 2 and c.dp > 1:
+        if c.zero >= 2 and c.dp > 1 and self.traits.torch_distributed:
             w = self.train.weight_bytes / c.dp  # FSDP2 shards the weights at ZeRO 2 as well
             if c.zero == 2 or c.pp > 1:
                 w += self.train.weight_bytes
@@ -168,7 +168,7 @@ class Estimator:
     def pipeline_buffers(self, c: Config, inflight: tuple[int, ...]) -> list[float]:
         """Per virtual stage, torch.distributed.pipelining's receive and send buffers (0 without a pipeline)."""
         stages, a = c.pp * c.vpp, self.boundary_bytes(c)
-        if c.pp == 1:
+        if c.pp == 1 or not self.traits.torch_distributed:
             return [0.0] * stages
         logits = logits_bytes(c.micro_batch_size, self.model.seq_len, self.model.vocab_size, self.costs.elem_bytes)
         return [pipeline_buffer_bytes(c.schedule, j, stages, c.num_microbatches, a, logits, inflight[j])
@@ -177,7 +177,7 @@ class Estimator:
     def zero3_gather_bytes(self, c: Config) -> float:
         """ZeRO-3 gathers one block's full weights ahead of use, and prefetches the next (x2); inside a pipeline
         they are all held already (held_bytes_per_param)."""
-        if c.zero != 3 or c.pp > 1:
+        if c.zero != 3 or (c.pp > 1 and self.traits.torch_distributed):
             return 0.0
         return 2 * self.costs.block(c.tp, c.sp, c.micro_batch_size).params * self.train.weight_bytes
 
@@ -309,7 +309,7 @@ class Estimator:
         inflight = inflight_per_stage(c.schedule, c.pp, c.vpp, c.num_microbatches)
         w, g, o = self.held_bytes_per_param(c)
         buffers = self.pipeline_buffers(c, inflight)
-        grads_persist = gradients_persist(c.tp, c.pp, c.dp, c.zero)
+        grads_persist = gradients_persist(c.tp, c.pp, c.dp, c.zero) or not self.traits.torch_distributed
         rank_stats = []
         for r in range(c.pp):
             js = [j for j in range(stages) if j % c.pp == r]

@@ -134,6 +134,11 @@ class PlanOutcome:
     """Other runnable processes seen just before the run (0 = quiet machine); timings beside busy CPUs are slow."""
     repeat_step_times_s: list[float] = field(default_factory=list)
     """Each run's median step time when the plan ran more than once; measured_step_time_s is their median."""
+    machine_slowdown: float | None = None
+    """The run's yardstick (a tp-1 block timed on every rank around the steps) / the same block in the profile:
+    > 1 when the machine ran slower than when it was profiled (None without a profiled block to compare)."""
+    same_speed_step_time_s: float | None = None
+    """measured_step_time_s / machine_slowdown: the step time at the speed the machine had when profiled."""
 
     @property
     def run_spread(self) -> float | None:
@@ -158,13 +163,18 @@ def plan_config(plan: Plan) -> dict:
 
 
 def outcome_from_report(solver_rank: int, plan: Plan, report: dict | None, error: str | None = None,
-                        busy_cpus: float | None = None) -> PlanOutcome:
-    """Pair a plan with the run report `mpplan run` wrote for it (None and an error when the run failed)."""
+                        busy_cpus: float | None = None, profiled_block_s: float | None = None) -> PlanOutcome:
+    """Pair a plan with the run report `mpplan run` wrote for it (None and an error when the run failed);
+    ``profiled_block_s``: the profile's tp-1 block forward + backward at the plan's micro-batch size."""
     outcome = PlanOutcome(solver_rank=solver_rank, label=plan_label(plan), config=plan_config(plan),
                           predicted_step_time_s=plan.predicted.step_time_s,
                           predicted_peak_bytes=plan.predicted.peak_memory_bytes, error=error, busy_cpus=busy_cpus)
     if report is not None:
         outcome.measured_step_time_s = report["measured"]["step_time_s"]
+        yardstick = report["measured"].get("yardstick_block_s")
+        if yardstick and profiled_block_s:
+            outcome.machine_slowdown = yardstick / profiled_block_s
+            outcome.same_speed_step_time_s = outcome.measured_step_time_s / outcome.machine_slowdown
         outcome.ranks = [RankMemory(rank=r["rank"], predicted_bytes=r["predicted_bytes"],
                                     measured_bytes=r["peak_memory_bytes"]) for r in report["per_rank_memory"]]
     return outcome
@@ -183,8 +193,12 @@ def combine_repeats(runs: Sequence[PlanOutcome]) -> PlanOutcome:
                         measured_bytes=round(statistics.median(o.ranks[i].measured_bytes for o in runs)))
              for i, r in enumerate(first.ranks)]
     busy = [r.busy_cpus for r in runs if r.busy_cpus is not None]
+    slowdowns = [r.machine_slowdown for r in runs if r.machine_slowdown is not None]
+    same_speed = [r.same_speed_step_time_s for r in runs if r.same_speed_step_time_s is not None]
     return replace(first, measured_step_time_s=statistics.median(times), ranks=ranks,
-                   busy_cpus=max(busy) if busy else None, repeat_step_times_s=list(times))
+                   busy_cpus=max(busy) if busy else None, repeat_step_times_s=list(times),
+                   machine_slowdown=statistics.median(slowdowns) if len(slowdowns) == len(runs) else None,
+                   same_speed_step_time_s=statistics.median(same_speed) if len(same_speed) == len(runs) else None)
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -216,6 +230,11 @@ class Summary:
     run_spread: float | None = None
     """Median over plans of (slowest / fastest repeat - 1): the noise floor of the measurements themselves; no
     model can be more accurate than the same plan reproduces (None with one run per plan)."""
+    machine_slowdown: float | None = None
+    """Median over plans of PlanOutcome.machine_slowdown: how much slower the machine ran than when profiled."""
+    step_time_mape_same_speed: float | None = None
+    """step_time_mape against the step times brought back to the profiled speed (PlanOutcome.same_speed_step_time_s):
+    the model's own error with the machine's drift since profiling taken out. The raw figure is the target's."""
 
     def checks(self) -> dict[str, bool | None]:
         """Each target of issue 5: met (True), missed (False) or not measurable (None)."""
@@ -251,9 +270,14 @@ def summarize(outcomes: Sequence[PlanOutcome], memory_limit_bytes: int | None = 
                       for o in ran for r in o.ranks if r.measured_bytes > memory_limit_bytes]
     busy = [o.busy_cpus for o in outcomes if o.busy_cpus is not None]
     spreads = [o.run_spread for o in ran if o.run_spread is not None]
+    slowdowns = [o.machine_slowdown for o in ran if o.machine_slowdown is not None]
+    same = [(o.predicted_step_time_s, o.same_speed_step_time_s) for o in ran if o.same_speed_step_time_s is not None]
     return Summary(plans=len(outcomes), ran=len(ran), failed=len(outcomes) - len(ran), spearman=spearman(pred, meas),
                    regret=regret, step_time_mape=mean_abs_pct_error(pred, meas),
                    memory_mape=mean_abs_pct_error([p for p, _ in rank_pairs], [m for _, m in rank_pairs]),
                    solver_first=first, measured_best=best, memory_limit_bytes=memory_limit_bytes,
                    violations=violations, max_busy_cpus=max(busy) if busy else None,
-                   run_spread=statistics.median(spreads) if spreads else None)
+                   run_spread=statistics.median(spreads) if spreads else None,
+                   machine_slowdown=statistics.median(slowdowns) if slowdowns else None,
+                   step_time_mape_same_speed=mean_abs_pct_error([p for p, _ in same], [m for _, m in same])
+                   if same and len(same) == len(ran) else None)

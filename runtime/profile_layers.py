@@ -208,6 +208,19 @@ def time_cases(cases: list[LayerCase], config: TimingConfig, sync: Callable[[], 
     return [{t.mode: t.timing() for t in per_case} for per_case in timed]
 
 
+YARDSTICK = TimingConfig(warmup=1, repeats=7, min_sample_s=0.005)
+
+
+def yardstick_s(spec: ModelSpec, mbs: int, device: torch.device, sync: Callable[[], None]) -> float:
+    """One tp-1 block's forward + backward at ``mbs``, timed as the profile timed it (median of short samples):
+    a run times it again so that how fast the machine is now can be set against how fast it was when profiled."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `mpplan profile` times it
+    timed = _Timed(LayerCase(spec, "block", 1, mbs, device, dtype), Recompute.NONE, sync, YARDSTICK.min_sample_s)
+    for round_ in range(YARDSTICK.warmup + YARDSTICK.repeats):
+        timed.sample(keep=round_ >= YARDSTICK.warmup)
+    return timed.timing().total_s
+
+
 # ----------------------------------------------------------------------------------------------- memory
 
 def saved_activation_bytes(case: LayerCase, mode: Recompute = Recompute.NONE) -> int:

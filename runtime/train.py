@@ -22,6 +22,7 @@ from planner.specs import ModelSpec
 from runtime.data import TokenSource
 from runtime.memory_meter import MemoryMeter
 from runtime.model import Transformer, lm_loss
+from runtime.profile_layers import yardstick_s
 from runtime.parallel.data import apply_data_parallel
 from runtime.parallel.mesh import build_mesh
 from runtime.parallel.pipeline import PipelineRunner, build_local_stages
@@ -63,6 +64,7 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
     on the other ranks."""
     pmesh = build_mesh(plan, device.type)
     par = plan.parallel
+    yardsticks = [_yardstick(plan, device)]  # before the memory meter's profiler starts, which would slow it
     memory = MemoryMeter(device)
     local = build_local_stages(plan, pmesh.pp_rank, settings.seed)
     for stage in local:
@@ -99,7 +101,9 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
         if step + 1 == min(MEMORY_STEPS, settings.steps):
             memory.stop_watching()  # the CPU meter's profiler would slow the timed steps ...
             dist.barrier()  # ... and so would a rank still writing out its events
+    yardsticks.append(_yardstick(plan, device))
     peaks = _gather_ints(memory.peak_bytes(), device)
+    yardstick_ns = _gather_ints(round(1e9 * statistics.fmean(yardsticks)), device)
     steady = zip(cpu_times[settings.warmup_steps:], times[settings.warmup_steps:])
     busy_ppm = round(1e6 * statistics.median(c / t for c, t in steady if t > 0))  # gathered as an integer
     busy_per_rank = [b / 1e6 for b in _gather_ints(busy_ppm, device)]
@@ -115,7 +119,15 @@ def train_plan(plan: Plan, settings: RunSettings, device: torch.device) -> dict 
     # CPU time of the rank's process (all its threads) per second of step: near 1 computing, lower waiting
     report["measured"]["cpu_busy_per_rank"] = busy_per_rank
     report["measured"]["step_times_s"] = times  # every step on rank 0, warm-up included
+    # the machine's speed now: a tp-1 block at this micro-batch size, timed on every rank at once before and after
+    # the steps, as `mpplan profile` times it (runtime/profile_layers.py yardstick_s); median over ranks
+    report["measured"]["yardstick_block_s"] = statistics.median(yardstick_ns) / 1e9
     return report
+
+
+def _yardstick(plan: Plan, device: torch.device) -> float:
+    dist.barrier()  # every rank times it at once, as the profile timed its layers on every core
+    return yardstick_s(plan.model, plan.micro_batch_size, device, lambda: _sync(device))
 
 
 def _accumulate(dp, tokens: torch.Tensor, targets: torch.Tensor, num_microbatches: int) -> torch.Tensor:

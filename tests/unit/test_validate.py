@@ -15,7 +15,7 @@ from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute
 from planner.validate import (PlanOutcome, RankMemory, average_ranks, candidate_plans, combine_repeats,
-                              mean_abs_pct_error, plan_key, spearman, summarize)
+                              mean_abs_pct_error, outcome_from_report, plan_key, spearman, summarize)
 
 TINY = MODELS["tiny-gpt"]
 
@@ -248,3 +248,20 @@ def test_measured_fsdp2_cost_is_paid_every_micro_batch_on_every_block(tmp_path):
     assert priced.dp_per_microbatch_s == 0.0  # ZeRO 2 gathers once a step in the collective model
     assert measured.dp_per_microbatch_s == pytest.approx(3e-3 * TINY.num_layers)
     assert measured.dp_step_s < priced.dp_step_s  # the gathers moved into the per-micro-batch cost
+
+
+def test_a_run_on_a_slower_machine_is_brought_back_to_the_profiled_speed(tmp_path):
+    plan = candidate_plans(request(tmp_path, synthetic_profile()), recompute_modes=(Recompute.NONE,))[0]
+    report = {"measured": {"step_time_s": 0.3, "yardstick_block_s": 0.006},
+              "per_rank_memory": [{"rank": 0, "predicted_bytes": 10, "peak_memory_bytes": 11}]}
+    one = outcome_from_report(1, plan, report, profiled_block_s=0.004)  # the block ran 1.5x its profiled time
+    assert one.machine_slowdown == pytest.approx(1.5) and one.same_speed_step_time_s == pytest.approx(0.2)
+    other = outcome_from_report(1, plan, {**report, "measured": {"step_time_s": 0.25, "yardstick_block_s": 0.005}},
+                                profiled_block_s=0.004)
+    both = combine_repeats([one, other])
+    assert both.machine_slowdown == pytest.approx(1.375) and both.same_speed_step_time_s == pytest.approx(0.2)
+    s = summarize([both])
+    expected = abs(plan.predicted.step_time_s - 0.2) / 0.2
+    assert s.step_time_mape_same_speed == pytest.approx(expected) and s.machine_slowdown == pytest.approx(1.375)
+    # without a profiled block to compare there is no correction, and no corrected error
+    assert summarize([outcome_from_report(1, plan, report)]).step_time_mape_same_speed is None
