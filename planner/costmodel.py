@@ -118,7 +118,7 @@ class AnalyticCosts:
     step_overhead_s = 0.0
     optimizer_s_per_param = 0.0
     runtime_fixed_bytes = 0
-    stage_microbatch_overhead_s = (0.0, 0.0)
+    layer_overhead_fraction = 0.0
 
     def available(self, tp: int, sp: bool, mbs: int) -> str | None:
         return None

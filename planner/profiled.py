@@ -24,13 +24,24 @@ class ProfiledCosts:
         self.optimizer_s_per_param = rt.optimizer_s_per_param if rt else 0.0
         self.runtime_fixed_bytes = rt.fixed_bytes if rt else 0
         self.activation_peak_factor = rt.activation_peak_factor if rt else 1.0
-        # per micro-batch per stage, split as the work is: backward is about twice forward (two GEMMs per
-        # forward GEMM, Narayanan et al. 2021 sec. 5.1)
+        # A whole-model micro-batch took this much longer than its layers timed one by one: a share of the
+        # layers' time at the calibration's micro-batch size, so each pipeline stage pays it in proportion to
+        # its own forward and backward (charging the whole model's figure to every virtual stage priced
+        # an interleaved plan with 4 stages per rank at twice what it ran)
         per_mb = rt.microbatch_overhead_s if rt else 0.0
-        self.stage_microbatch_overhead_s = (per_mb / 3, 2 * per_mb / 3)
+        mbs0 = min((r.micro_batch_size for r in rt.runs), default=0) if rt else 0
+        layers_s = self._whole_model_s(mbs0) if per_mb > 0 else None
+        self.layer_overhead_fraction = per_mb / layers_s if layers_s else 0.0
         self.block = lru_cache(maxsize=None)(self._block)
         self.embedding = lru_cache(maxsize=None)(self._embedding)
         self.head = lru_cache(maxsize=None)(self._head)
+
+    def _whole_model_s(self, mbs: int) -> float | None:
+        """Forward + backward of every tp-1 layer at ``mbs``, each timed alone; None if one was not profiled."""
+        kinds = {k: self.profile.layer(k, 1, mbs) for k in ("embedding", "block", "head")}
+        if any(lp is None for lp in kinds.values()):
+            return None
+        return sum((lp.fwd_s + lp.bwd_s) * (self.model.num_layers if k == "block" else 1) for k, lp in kinds.items())
 
     def available(self, tp: int, sp: bool, mbs: int) -> str | None:
         """Why this (tp, sp, mbs) cannot be priced from the profile, or None."""
