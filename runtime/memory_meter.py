@@ -62,7 +62,7 @@ class MemoryMeter:
     @property
     def kind(self) -> str:
         return ("cuda max allocated" if self.device.type == "cuda"
-                else "peak bytes held by torch's CPU allocator over the warm-up steps (torch.profiler memory events)")
+                else "peak bytes held by torch's CPU allocator over the first steps (torch.profiler memory events)")
 
     def stop_watching(self) -> None:
         if self._profiler is None or self._peak is not None:
