@@ -33,7 +33,7 @@ def inflight_per_stage(schedule: Schedule, pp: int, vpp: int, m: int) -> tuple[i
         m = r * min(m // r, 2)
     return _inflight_cached(schedule, pp, vpp, m)
 # Memory no tensor of ours owns: CUDA context and kernels (~0.5-1 GiB), NCCL buffers and cuBLAS workspaces.
-# On the CPU the runtime reports resident growth over the process's own baseline, which excludes them.
+# On the CPU the runtime reports live tensor bytes (runtime/memory_meter.py), which excludes them.
 CUDA_FIXED_RESERVE_BYTES = 2 * GiB
 # PyTorch's caching allocator rounds and fragments: 5 % of what we allocate is held on top (the gap between
 # max_memory_allocated and max_memory_reserved in long runs, Megatron-LM's memory report).
@@ -155,7 +155,7 @@ class Estimator:
     def memory_cap_bytes(self) -> float:
         """What partitions may allocate: device memory minus the fixed reserve, less fragmentation (CUDA) or
         the model's own headroom (CPU)."""
-        margin = self.fragmentation() if self.device == "cuda" else CPU_MODEL_HEADROOM
+        margin = FRAGMENTATION if self.device == "cuda" else CPU_MODEL_HEADROOM
         return (self.cluster.gpu.memory_bytes - self.fixed_reserve_bytes()) / (1 + margin)
 
     def boundary_bytes(self, c: Config) -> float:

@@ -118,7 +118,8 @@ class PartitionProblem:
         ]
         numbers = [self.block_static_bytes, *self.inflight, self.first_time_s, self.first_static_bytes,
                    self.first_act_bytes, self.last_time_s, self.last_static_bytes, self.last_act_bytes,
-                   self.boundary_time_s, *self.stage_extra_bytes, *(x for o in self.options for x in (o.time_s, o.act_bytes))]
+                   self.boundary_time_s, *self.stage_extra_bytes,
+                   *(x for o in self.options for x in (o.time_s, o.act_bytes))]
         checks.append((all(x >= 0 and math.isfinite(x) for x in numbers), "times, bytes and inflight must be finite, >= 0"))
         checks.append((self.memory_cap_bytes > 0, f"memory_cap_bytes must be > 0, got {self.memory_cap_bytes}"))
         for ok, message in checks:

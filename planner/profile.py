@@ -149,7 +149,7 @@ class RuntimeRun(Strict):
     step_time_s: float = Field(ge=0)
     """Median step time after warm-up, as `mpplan run` reports it."""
     peak_bytes: int = Field(ge=0)
-    """Peak memory as `mpplan run` reports it (CPU: resident growth over the pre-model baseline)."""
+    """Peak memory as `mpplan run` reports it (CPU: live tensor bytes, runtime/memory_meter.py)."""
 
 
 class RuntimeCalibration(Strict):
@@ -159,17 +159,33 @@ class RuntimeCalibration(Strict):
     step_overhead_s: float = Field(ge=0)
     """Per optimizer step, beyond the layers and the optimizer: zero_grad, the loop, batch slicing."""
     microbatch_overhead_s: float = Field(ge=0)
-    """Per micro-batch per stage, beyond the layers' own forward and backward: loss, autograd engine start,
-    gradient accumulation into .grad."""
+    """Per whole-model micro-batch, beyond its layers' own forward and backward as timed alone (loss, autograd
+    engine start, gradient accumulation into .grad); planner/profiled.py charges it as a share of the layers'
+    time, so each pipeline stage pays in proportion to its work."""
     optimizer_s_per_param: float = Field(ge=0)
     """AdamW step seconds per parameter of the whole model (per-tensor overheads averaged in), one thread."""
     fixed_bytes: int = Field(ge=0)
-    """Peak memory the runtime holds beyond parameters, gradients, optimizer state and activations (CPU:
-    lazily created kernel workspaces and allocator slack in the resident set)."""
+    """Peak memory the runtime holds beyond parameters, gradients, optimizer state, activations and the loss's
+    backward (kernel workspaces and the like)."""
     activation_peak_factor: float = Field(ge=1)
     """Peak bytes per saved-activation byte: backward holds activation gradients and temporaries beside what
     forward saved. 1 when not measurable."""
     runs: list[RuntimeRun] = []
+
+
+def whole_model_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: str) -> float | None:
+    """Every layer of ``spec`` at tp 1 and ``mbs``, each as profiled alone: forward + backward seconds
+    (``what="time"``) or saved-activation bytes without recompute (``"bytes"``); None if a kind is missing."""
+    by_kind = {lp.kind: lp for lp in layers if lp.tp == 1 and lp.micro_batch_size == mbs}
+    if any(k not in by_kind for k in ("embedding", "block", "head")):
+        return None
+    if what == "time":
+        def one(lp: LayerProfile) -> float:
+            return lp.fwd_s + lp.bwd_s
+    else:
+        def one(lp: LayerProfile) -> float:
+            return lp.activation_bytes[Recompute.NONE]
+    return one(by_kind["embedding"]) + one(by_kind["head"]) + spec.num_layers * one(by_kind["block"])
 
 
 class Profile(Strict):

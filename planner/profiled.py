@@ -7,7 +7,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from planner.costmodel import LayerCost
-from planner.profile import LayerProfile, Profile
+from planner.profile import LayerProfile, Profile, whole_model_sum
 from planner.specs import GPUSpec, Recompute
 
 
@@ -30,18 +30,11 @@ class ProfiledCosts:
         # an interleaved plan with 4 stages per rank at twice what it ran)
         per_mb = rt.microbatch_overhead_s if rt else 0.0
         mbs0 = min((r.micro_batch_size for r in rt.runs), default=0) if rt else 0
-        layers_s = self._whole_model_s(mbs0) if per_mb > 0 else None
+        layers_s = whole_model_sum(profile.layers, profile.model, mbs0, "time") if per_mb > 0 else None
         self.layer_overhead_fraction = per_mb / layers_s if layers_s else 0.0
         self.block = lru_cache(maxsize=None)(self._block)
         self.embedding = lru_cache(maxsize=None)(self._embedding)
         self.head = lru_cache(maxsize=None)(self._head)
-
-    def _whole_model_s(self, mbs: int) -> float | None:
-        """Forward + backward of every tp-1 layer at ``mbs``, each timed alone; None if one was not profiled."""
-        kinds = {k: self.profile.layer(k, 1, mbs) for k in ("embedding", "block", "head")}
-        if any(lp is None for lp in kinds.values()):
-            return None
-        return sum((lp.fwd_s + lp.bwd_s) * (self.model.num_layers if k == "block" else 1) for k, lp in kinds.items())
 
     def available(self, tp: int, sp: bool, mbs: int) -> str | None:
         """Why this (tp, sp, mbs) cannot be priced from the profile, or None."""

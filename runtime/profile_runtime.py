@@ -23,7 +23,7 @@ import torch
 
 from planner.memory import loss_backward_bytes
 from planner.plan import MemoryBreakdown, Parallel, Plan, Prediction, Schedule, SolverInfo, StagePlan, StagePrediction
-from planner.profile import LayerProfile, RuntimeCalibration, RuntimeRun
+from planner.profile import LayerProfile, RuntimeCalibration, RuntimeRun, whole_model_sum
 from planner.specs import ModelSpec, Precision, Recompute, TrainSpec, load_cluster
 from runtime.launch import Job, spawn_local
 from runtime.model import Transformer
@@ -79,13 +79,9 @@ def _adamw_s_per_param(spec: ModelSpec, device: torch.device, repeats: int) -> t
 
 
 def _layer_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: str) -> float:
-    by_kind = {lp.kind: lp for lp in layers if lp.tp == 1 and lp.micro_batch_size == mbs}
-    if what == "time":
-        return (by_kind["embedding"].fwd_s + by_kind["embedding"].bwd_s + by_kind["head"].fwd_s
-                + by_kind["head"].bwd_s + spec.num_layers * (by_kind["block"].fwd_s + by_kind["block"].bwd_s))
-    none = Recompute.NONE
-    return (by_kind["embedding"].activation_bytes[none] + by_kind["head"].activation_bytes[none]
-            + spec.num_layers * by_kind["block"].activation_bytes[none])
+    total = whole_model_sum(layers, spec, mbs, what)
+    assert total is not None, f"calibrating without every tp-1 layer profiled at mbs {mbs}"
+    return total
 
 
 def _loss_bytes(spec: ModelSpec, mbs: int) -> float:
