@@ -284,29 +284,53 @@ def max_rel_error(alpha: float, beta: float, points: Sequence[tuple[float, float
     return max((abs(alpha + beta * n - t) / t for n, t in points), default=0.0)
 
 
+PIECE_NOISE = 0.08
+"""Relative scatter of a measured point (lower quartile of its calls) on this VM, from repeated profiles: a split
+that fits the points closer than this is fitting noise, so fit_pieces scores no split below it."""
+
+
 def fit_pieces(points: Sequence[tuple[float, float]], max_pieces: int = 4) -> list[AlphaBetaPiece]:
     """Split the size-sorted points into at most ``max_pieces`` runs of >= 2 (>= 3 for the first, whose alpha
     is the latency), fit each by fit_alpha_beta, and keep the split with the lowest Bayesian information
-    criterion n ln(SSE/n) + 2k ln(n) over the relative squared error SSE (Schwarz 1978; k pieces of 2 parameters):
-    a piece more must explain a real knee (a cache or protocol threshold), not the scatter of a noisy point.
-    Judging splits by their worst point instead let one noisy small size decide, and missed the knees. A boundary
-    sits at the geometric middle of the two measured sizes around it. One piece means no split: returns []."""
+    criterion n ln(max(SSE/n, PIECE_NOISE^2)) + 2k ln(n) over the relative squared error SSE (Schwarz 1978; k
+    pieces of 2 parameters): a piece more must explain a real knee (a cache or protocol threshold), not the
+    scatter of noisy points. Judging splits by their worst point instead let one noisy small size decide, and
+    missed the knees. A split is kept only if time never drops where a piece starts (more bytes never cost less):
+    pieces fitted to two noisy small sizes had slopes 10x the bandwidth's and priced the sizes between 50 % high.
+    A piece starts at its first measured size: the knees are thresholds of the form size >= 2^k. Measured here:
+    gloo's all_gather doubles its time per byte from exactly 32 MiB (31.5 MiB: 0.82 ms/MiB, 32 MiB: 1.60), which
+    is glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit; MALLOC_MMAP_THRESHOLD_=1 GiB
+    removes the knee), so every call page-faults a fresh buffer; a boundary at the geometric middle of 16 and
+    32 MiB priced 24 MiB on the slow line, 60-94 % high. One piece means no split: returns []."""
     pts = sorted(points)
     n = len(pts)
     best: tuple[float, list[AlphaBetaPiece]] | None = None
     for count in range(1, max_pieces + 1):
         for cuts in _cuts(n, count):
-            pieces, sse = [], 0.0
-            for lo, hi in zip((0, *cuts), (*cuts, n)):
-                alpha, beta = fit_alpha_beta(pts[lo:hi])
-                start = 0 if lo == 0 else round(math.sqrt(pts[lo - 1][0] * pts[lo][0]))
-                pieces.append(AlphaBetaPiece(from_bytes=start, alpha_s=alpha, beta_s_per_byte=beta))
-                sse += sum(((alpha + beta * x - t) / t) ** 2 for x, t in pts[lo:hi])
-            bic = n * math.log(sse / n + 1e-12) + 2 * count * math.log(n)
+            split = _fit_split(pts, cuts)
+            if split is None:
+                continue
+            pieces, sse = split
+            bic = n * math.log(max(sse / n, PIECE_NOISE ** 2)) + 2 * count * math.log(n)
             if best is None or bic < best[0]:
                 best = (bic, pieces)
-    assert best is not None
+    assert best is not None  # one piece is always monotone
     return best[1] if len(best[1]) > 1 else []
+
+
+def _fit_split(pts: Sequence[tuple[float, float]], cuts: tuple[int, ...]
+               ) -> tuple[list[AlphaBetaPiece], float] | None:
+    """The pieces of one split and their relative SSE; None if a piece starts below where the one before ends."""
+    pieces: list[AlphaBetaPiece] = []
+    sse = 0.0
+    for lo, hi in zip((0, *cuts), (*cuts, len(pts))):
+        alpha, beta = fit_alpha_beta(pts[lo:hi])
+        start = 0 if lo == 0 else int(pts[lo][0])
+        if pieces and alpha + beta * start < pieces[-1].alpha_s + pieces[-1].beta_s_per_byte * start:
+            return None
+        pieces.append(AlphaBetaPiece(from_bytes=start, alpha_s=alpha, beta_s_per_byte=beta))
+        sse += sum(((alpha + beta * x - t) / t) ** 2 for x, t in pts[lo:hi])
+    return pieces, sse
 
 
 def _cuts(n: int, count: int, first_min: int = 3, min_len: int = 2) -> list[tuple[int, ...]]:

@@ -6,13 +6,19 @@ all_gather, reduce_scatter (SUM) and a send/recv ping-pong over geometric messag
 data show a knee) to the powers of two from 1 KiB to 64 MiB; extra sizes at 1.5 x 4^k KiB, between the grid
 points, are measured the same way but held out of the fit and report how well it predicts sizes it never saw.
 
-Timing: ``rounds`` passes; each pass visits every (op, size) once in a shuffled order (the same on every rank),
-and times a share of that size's calls, each call on its own after a barrier and a warm-up call; a call's time is
-the slowest rank's, and the point is the median over the calls of all passes. On this 2-vCPU VM gloo calls stall
-for ~4 ms in spells (10-50 % of calls for a second or more, then none): visiting sizes in order let one spell
-bend several neighbouring sizes, which the fit then took for a knee; the shuffle spreads each spell thinly over
-all sizes. The fit is to the median of single calls, the common case; how much the mean exceeds it (stall_of)
-is kept beside the fit, since a step that makes many calls pays the mean.
+Timing: ``rounds`` passes; a size is due calls(size) calls in all, spread over min(rounds, calls) of the passes
+(a 64 MiB message, 8 calls, is visited in 8 passes of the 12, a 1 KiB one in all 12), each pass visits its
+(op, size)s in a shuffled order (the same on every rank), and every call is timed on its own after a barrier (and,
+the first time an (op, size) is visited, a warm-up call: measured here, the first call of a later visit was no
+slower than the second, 4-64 MiB, so a warm-up per visit only doubled the cost of the large sizes); a call's time is the slowest rank's, and the point is the lower quartile over the calls of all
+passes. On this 2-vCPU VM gloo calls stall for ~4 ms in spells (10-50 % of calls for a second or more, then none),
+so below ~2 MiB a size's calls fall in two groups, ~0.3 ms and ~4 ms. Their median flipped between the two from
+one size to the next (1 MiB all_reduce: median 2.2 ms, 1.5 MiB: 1.4 ms), and held-out sizes missed the fit by
+20-95 %; the lower quartile is the unstalled call's time while at most half the calls stall. Visiting sizes in
+order let one spell bend several neighbouring sizes, which the fit then took for a knee; the shuffle spreads each
+spell thinly over all sizes, and more visits of fewer calls each keep one spell from owning a size. The fit is to
+the unstalled call; how much the mean exceeds it (stall_of) is kept beside the fit, since a step that makes many
+calls pays the mean.
 """
 from __future__ import annotations
 
@@ -34,13 +40,14 @@ class CommConfig:
     min_bytes: int = 1 << 10
     max_bytes: int = 64 << 20
     warmup_calls: int = 1
-    """Untimed calls before each (op, size) in each round."""
-    rounds: int = 5
-    """Passes over all ops and sizes, each in a shuffled order."""
-    sample_bytes: int = 24 << 20
+    """Untimed calls before the first timed call of each (op, size)."""
+    rounds: int = 24
+    """Passes over the ops and sizes, each in a shuffled order; a size with fewer calls than passes is visited in
+    as many passes as it has calls."""
+    sample_bytes: int = 64 << 20
     """Each size is timed over calls moving about this many bytes in all, within [min_calls, max_calls]."""
     min_calls: int = 8
-    max_calls: int = 96
+    max_calls: int = 144
     timeout_s: float = 300.0
 
     def sizes(self) -> list[int]:
@@ -58,6 +65,17 @@ class CommConfig:
 
     def calls_per_size(self, nbytes: int) -> int:
         return max(self.min_calls, min(self.max_calls, self.sample_bytes // max(nbytes, 1)))
+
+    def calls_in_round(self, nbytes: int, round_: int) -> int:
+        """Calls of this size timed in pass ``round_``: calls_per_size spread as evenly as whole calls allow over
+        min(rounds, calls) passes spaced through all ``rounds`` (0 in the passes it skips)."""
+        calls = self.calls_per_size(nbytes)
+        visits = min(self.rounds, calls)
+        visited = [i * self.rounds // visits for i in range(visits)]
+        if round_ not in visited:
+            return 0
+        i = visited.index(round_)
+        return calls // visits + (1 if i < calls % visits else 0)
 
 
 def group_sizes(ranks: int) -> list[int]:
@@ -93,14 +111,14 @@ def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig 
 
 
 STALL_MAX_BYTES = 1 << 20
-"""Sizes whose mean - median estimates the stall: above ~1 MiB a call's own spread swamps it."""
+"""Sizes whose mean - lower quartile estimates the stall: above ~1 MiB a call's own spread swamps it."""
 
 
 def stall_of(stats: dict[int, tuple[float, float]]) -> float:
-    """The typical (median) mean - median per call over sizes up to STALL_MAX_BYTES, floored at 0; measured here
+    """The typical (median) mean - lower quartile per call over sizes up to STALL_MAX_BYTES, floored at 0; measured
     it is about constant per op below 1 MiB (all_reduce ~1 ms, reduce_scatter ~0.8, all_gather and send/recv
     ~0.3) and the same in repeated runs."""
-    excess = [mean - median for n, (median, mean) in stats.items() if n <= STALL_MAX_BYTES]
+    excess = [mean - typical for n, (typical, mean) in stats.items() if n <= STALL_MAX_BYTES]
     return max(0.0, statistics.median(excess)) if excess else 0.0
 
 
@@ -125,14 +143,14 @@ def _worker(rank: int, world: int, port: int, device: str, config: CommConfig, r
             moved: dict[tuple[str, int], int] = {}
             for round_ in range(config.rounds):
                 if rank in members:
-                    bench.run_round(ops, group, pg, times, moved, seed=group * 1000 + round_)
+                    bench.run_round(ops, group, pg, times, moved, round_, seed=group * 1000 + round_)
                 dist.barrier()
                 if rank == 0:
                     results.put(("progress", f"collectives x{group} round {round_ + 1}/{config.rounds}"))
             if rank in members:
                 for op in ops:
                     stats = {n: bench.slowest_stats(times[(op, n)], pg) for n in bench.all_sizes()}
-                    points = [(moved[(op, n)], median) for n, (median, _) in stats.items()]
+                    points = [(moved[(op, n)], typical) for n, (typical, _) in stats.items()]
                     if rank == 0:
                         results.put(("points", op, group, points, stall_of(stats)))
             dist.barrier()
@@ -153,22 +171,34 @@ class _RankBench:
         # only the *_into_tensor / *_tensor spellings.
         self.all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self.reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        self.buffers: dict[str, object] = {}
+
+    def buffer(self, name: str, numel: int):
+        """The first ``numel`` elements of one buffer per role, allocated (and written, so its pages exist) once
+        at the largest size and reused by every visit, as a training step reuses its buffers. A fresh untouched
+        receive buffer per visit made send/recv at 24-64 MiB pay its page faults: 36-45 ms against 20 ms."""
+        if name not in self.buffers:
+            largest = max(self.all_sizes()) // (self.torch.finfo(self.dtype).bits // 8)
+            self.buffers[name] = self.torch.zeros(largest, dtype=self.dtype, device=self.device)
+        return self.buffers[name][:numel]
 
     def all_sizes(self) -> list[int]:
         return sorted({*self.config.sizes(), *self.config.holdout_sizes()})
 
-    def run_round(self, ops: list[CollectiveOp], group: int, pg, times: dict, moved: dict, seed: int) -> None:
-        """One round: every (op, size) in an order shuffled by ``seed`` (so the same on every rank),
-        calls(size) / rounds calls each, each call timed on its own."""
-        visits = [(op, nbytes) for op in ops for nbytes in self.all_sizes()]
+    def run_round(self, ops: list[CollectiveOp], group: int, pg, times: dict, moved: dict, round_: int,
+                  seed: int) -> None:
+        """One pass: the (op, size)s due calls in pass ``round_``, in an order shuffled by ``seed`` (so the same on
+        every rank), each call timed on its own."""
+        visits = [(op, nbytes) for op in ops for nbytes in self.all_sizes()
+                  if self.config.calls_in_round(nbytes, round_) > 0]
         random.Random(seed).shuffle(visits)
         for op, nbytes in visits:
             call, moved[(op, nbytes)] = self._call(op, group, pg, nbytes)
-            per_round = max(2, -(-self.config.calls_per_size(nbytes) // self.config.rounds))
+            per_round = self.config.calls_in_round(nbytes, round_)
             self.dist.barrier(group=pg)
-            for _ in range(self.config.warmup_calls):
-                call()
             bucket = times.setdefault((op, nbytes), [])
+            for _ in range(0 if bucket else self.config.warmup_calls):
+                call()
             for _ in range(per_round):
                 self.sync()
                 t0 = time.perf_counter()
@@ -177,19 +207,18 @@ class _RankBench:
                 bucket.append(time.perf_counter() - t0)
 
     def slowest_stats(self, times: list[float], pg) -> tuple[float, float]:
-        """A call's time is the slowest rank's; (median, mean) over the calls."""
+        """A call's time is the slowest rank's; (lower quartile, mean) over the calls."""
         slowest = self.torch.tensor(times, dtype=self.torch.float64, device=self.device)
         self.dist.all_reduce(slowest, op=self.dist.ReduceOp.MAX, group=pg)
         calls = slowest.tolist()
-        return statistics.median(calls), statistics.fmean(calls)
+        return statistics.quantiles(calls, n=4)[0], statistics.fmean(calls)
 
     def _call(self, op: CollectiveOp, group: int, pg, nbytes: int) -> tuple[Callable[[], None], int]:
         """The call for one sample and the bytes it moves (by the convention in planner/profile.py)."""
         torch, dist = self.torch, self.dist
         elem = torch.finfo(self.dtype).bits // 8
         numel = max(group, nbytes // elem // group * group)  # divisible by the group for gather/scatter
-        full = torch.ones(numel, dtype=self.dtype, device=self.device)
-        shard = torch.ones(numel // group, dtype=self.dtype, device=self.device)
+        full, shard = self.buffer("full", numel), self.buffer("shard", numel // group)
         if op == "all_reduce":
             return (lambda: dist.all_reduce(full, group=pg)), numel * elem
         if op == "all_gather":
@@ -200,7 +229,7 @@ class _RankBench:
         # exchanges activations and gradients). A lone ping-pong on this 2-vCPU VM hit idle-CPU wake-ups that wait
         # for the 4 ms scheduler tick (1 KiB: median 3.95 ms, minimum 81 us), which no alpha-beta line describes.
         peer = 1 - self.rank
-        received = torch.empty_like(full)
+        received = self.buffer("received", numel)
 
         def exchange() -> None:
             for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, full, peer, group=pg),
