@@ -90,7 +90,8 @@ def _loss_bytes(spec: ModelSpec, mbs: int) -> float:
 
 def side_by_side(job: Job, copies: int) -> list[dict]:
     """Run ``copies`` one-rank copies of ``job`` at once (as the layers were timed: every core busy, see
-    runtime/profile_concurrent.py); each plan's report from the first copy, with the step time averaged over all."""
+    runtime/profile_concurrent.py); each plan's report from the first copy, with the slowest copy's step time (a
+    multi-rank plan goes at its slowest rank's pace, and this VM's cores differ: runtime/profile_concurrent.py)."""
     if copies <= 1:
         return spawn_local(job, 1)
     outs: list[list[dict] | BaseException] = [[] for _ in range(copies)]
@@ -111,7 +112,7 @@ def side_by_side(job: Job, copies: int) -> list[dict]:
             raise out
     reports = outs[0]
     for k, report in enumerate(reports):
-        report["measured"]["step_time_s"] = statistics.fmean(out[k]["measured"]["step_time_s"] for out in outs)
+        report["measured"]["step_time_s"] = max(out[k]["measured"]["step_time_s"] for out in outs)
     return reports
 
 

@@ -143,6 +143,58 @@ def test_pieces_do_not_chase_the_scatter_of_noisy_points():
     assert fit_pieces([(n, (2e-4 + n * 1e-9) * f) for n, f in zip(sizes, scatter)]) == []
 
 
+def test_a_piece_starts_at_its_first_measured_size_as_a_threshold_does():
+    # gloo's all_gather here: 0.82 ms/MiB up to 31.5 MiB, 1.6 ms/MiB from 32 MiB (glibc's mmap threshold);
+    # 24 MiB, between the grid's 16 and 32, is on the fast line
+    mib = 1 << 20
+    sizes = [1 << e for e in range(10, 27)]
+    points = [(n, 2e-4 + n / mib * (0.82e-3 if n < 32 * mib else 1.6e-3)) for n in sizes]
+    pieces = fit_pieces(points)
+    assert pieces and pieces[-1].from_bytes == 32 * mib
+    fit = fit_collective("all_gather", 2, points, [(24 * mib, 2e-4 + 24 * 0.82e-3)])
+    assert fit.holdout_rel_error < 0.01
+
+
+def test_pieces_never_step_down_where_they_start():
+    # send/recv lower quartiles measured on this VM (bytes, us): unconstrained, a piece fitted to a few noisy
+    # small sizes starts below where the one before it ends
+    measured = [(1024, 136), (2048, 172), (4096, 133), (8192, 197), (16384, 166), (32768, 130), (65536, 156),
+                (131072, 192), (262144, 261), (524288, 419), (1048576, 858), (2097152, 1596), (4194304, 3263),
+                (8388608, 6185), (16777216, 11149), (33554432, 22990), (67108864, 42601)]
+    pieces = fit_pieces([(n, us * 1e-6) for n, us in measured])
+    for before, after in zip(pieces, pieces[1:]):
+        start = after.from_bytes
+        assert after.alpha_s + after.beta_s_per_byte * start >= before.alpha_s + before.beta_s_per_byte * start
+
+
+def test_collective_calls_are_spread_over_the_passes():
+    from runtime.profile_comm import CommConfig
+
+    config = CommConfig()
+    for nbytes in (1 << 10, 1 << 20, 6 << 20, 64 << 20):
+        per_pass = [config.calls_in_round(nbytes, r) for r in range(config.rounds)]
+        assert sum(per_pass) == config.calls_per_size(nbytes)
+        visited = [c for c in per_pass if c]
+        assert len(visited) == min(config.rounds, config.calls_per_size(nbytes))
+        assert max(visited) - min(visited) <= 1
+    big = [config.calls_in_round(64 << 20, r) for r in range(config.rounds)]
+    assert sum(big[config.rounds // 2:]) >= sum(big) // 2  # spread through the passes, not bunched at the start
+
+
+def test_layers_timed_side_by_side_keep_the_slower_process():
+    from runtime.profile_concurrent import slowest_process
+
+    def layer(kind: str, fwd: float, cv: float) -> LayerProfile:
+        return LayerProfile(kind=kind, tp=1, micro_batch_size=1, fwd_s=fwd, bwd_s=2 * fwd, fwd_cv=cv, bwd_cv=cv,
+                            params=1, activation_bytes={"none": 1})
+
+    fast = [layer("block", 1e-3, 0.02), layer("head", 3e-4, 0.2)]
+    slow = [layer("block", 1.6e-3, 0.05), layer("head", 2e-4, 0.1)]  # slower in all, not in every case
+    kept = slowest_process([fast, slow])
+    assert [lp.fwd_s for lp in kept] == [1.6e-3, 2e-4]  # one process's times, not a per-case maximum
+    assert [lp.fwd_cv for lp in kept] == [0.05, 0.2]  # with the largest spread of any process
+
+
 def test_fit_collective_reports_holdout_error_on_sizes_it_did_not_see():
     sizes = [1 << e for e in range(10, 27)]
     points = [(n, 3e-4 + n * 5e-10) for n in sizes]
