@@ -147,7 +147,9 @@ class RuntimeRun(Strict):
     micro_batch_size: int = Field(gt=0)
     num_microbatches: int = Field(gt=0)
     step_time_s: float = Field(ge=0)
-    """Median step time after warm-up, as `mpplan run` reports it."""
+    """Median step time after warm-up, as `mpplan run` reports it, scaled to the speed the layers were profiled
+    at (x profiled block / the block the run timed around its steps; runtime/profile_runtime.py), averaged over
+    the copies run side by side."""
     peak_bytes: int = Field(ge=0)
     """Peak memory as `mpplan run` reports it (CPU: live tensor bytes, runtime/memory_meter.py)."""
 

@@ -84,16 +84,19 @@ def _layer_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: 
     return total
 
 
+def _block_s(layers: Sequence[LayerProfile], mbs: int) -> float:
+    return next(lp.fwd_s + lp.bwd_s for lp in layers if lp.kind == "block" and lp.tp == 1 and lp.micro_batch_size == mbs)
+
+
 def _loss_bytes(spec: ModelSpec, mbs: int) -> float:
     return loss_backward_bytes(mbs, spec.seq_len, spec.vocab_size)
 
 
-def side_by_side(job: Job, copies: int) -> list[dict]:
+def side_by_side(job: Job, copies: int) -> list[list[dict]]:
     """Run ``copies`` one-rank copies of ``job`` at once (as the layers were timed: every core busy, see
-    runtime/profile_concurrent.py); each plan's report from the first copy, with the slowest copy's step time (a
-    multi-rank plan goes at its slowest rank's pace, and this VM's cores differ: runtime/profile_concurrent.py)."""
+    runtime/profile_concurrent.py); every copy's reports, one list per copy."""
     if copies <= 1:
-        return spawn_local(job, 1)
+        return [spawn_local(job, 1)]
     outs: list[list[dict] | BaseException] = [[] for _ in range(copies)]
 
     def run(i: int) -> None:
@@ -110,10 +113,17 @@ def side_by_side(job: Job, copies: int) -> list[dict]:
     for out in outs:
         if isinstance(out, BaseException):
             raise out
-    reports = outs[0]
-    for k, report in enumerate(reports):
-        report["measured"]["step_time_s"] = max(out[k]["measured"]["step_time_s"] for out in outs)
-    return reports
+    return outs  # type: ignore[return-value]
+
+
+def at_profiled_speed(report: dict, profiled_block_s: float) -> float:
+    """A run's step time scaled to the speed its layers were profiled at: x profiled block / the block the run
+    timed around its steps (runtime/train.py). The runs come minutes after the layers, on cores that differ in
+    speed (46 vs 80 ms a step side by side), so raw step times minus the layers' sum gave a per-micro-batch
+    overhead anywhere from 0 to 7 ms between profiles; the overhead is fitted on the scaled times."""
+    measured = report["measured"]
+    yardstick = measured.get("yardstick_block_s")
+    return measured["step_time_s"] * (profiled_block_s / yardstick if yardstick else 1.0)
 
 
 def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision: Precision, device: str,
@@ -129,9 +139,12 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     runs = []
     for shapes in groups:
         plans = [single_rank_plan(spec, mbs, m, precision).model_dump_json() for mbs, m in shapes]
-        reports = side_by_side(Job(plans=plans, steps=CALIBRATION_STEPS, device=device), concurrent)
-        runs += [RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=r["measured"]["step_time_s"],
-                            peak_bytes=r["measured"]["peak_memory_bytes"]) for (mbs, m), r in zip(shapes, reports)]
+        copies = side_by_side(Job(plans=plans, steps=CALIBRATION_STEPS, device=device), concurrent)
+        for k, (mbs, m) in enumerate(shapes):
+            block = _block_s(layers, mbs)
+            runs.append(RuntimeRun(micro_batch_size=mbs, num_microbatches=m,
+                                   step_time_s=statistics.fmean(at_profiled_speed(c[k], block) for c in copies),
+                                   peak_bytes=copies[0][k]["measured"]["peak_memory_bytes"]))
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     opt_per_param, params = adamw_s_per_param(spec, dev)
     one, long_ = runs[0], runs[1]
