@@ -10,7 +10,8 @@ runtime/train.py, no parallelism) measure these; the parallel plans `mpplan vali
 
 with static = parameters x (weight + AdamW state) bytes (one micro-batch peaks before its gradients exist) and
 loss the logits-sized gradients at the start of backward (planner/memory.py). The AdamW step is timed separately
-on the model's own parameters.
+on the model's own parameters. Each run's t is scaled to the speed the layers were profiled at (at_profiled_speed),
+so that the overheads are what the runtime adds, not how far the machine's speed moved in between.
 """
 from __future__ import annotations
 
