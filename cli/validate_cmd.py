@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planner.plan import Plan, Schedule
+from planner.profile import tp1_block_s
 from planner.search import Pins
 from planner.specs import Recompute, SpecError
 from planner.validate import (PlanOutcome, Summary, candidate_plans, combine_repeats, outcome_from_report, plan_label,
@@ -212,8 +213,7 @@ def validate_command(
 
 
 def _profiled_block_s(req, plan: Plan) -> float | None:
-    block = req.profile.layer("block", 1, plan.micro_batch_size) if req.profile else None
-    return block.fwd_s + block.bwd_s if block else None
+    return tp1_block_s(req.profile.layers, plan.micro_batch_size) if req.profile else None
 
 
 def _run_one(solver_rank: int, plan: Plan, steps: int, timeout: float, console: Console,

@@ -147,9 +147,8 @@ class RuntimeRun(Strict):
     micro_batch_size: int = Field(gt=0)
     num_microbatches: int = Field(gt=0)
     step_time_s: float = Field(ge=0)
-    """Median step time after warm-up, as `mpplan run` reports it, scaled to the speed the layers were profiled
-    at (x profiled block / the block the run timed around its steps; runtime/profile_runtime.py), averaged over
-    the copies run side by side."""
+    """Median step time after warm-up, as `mpplan run` reports it, at the speed the layers were profiled at
+    (/ machine_slowdown; runtime/profile_runtime.py), averaged over the copies run side by side."""
     peak_bytes: int = Field(ge=0)
     """Peak memory as `mpplan run` reports it (CPU: live tensor bytes, runtime/memory_meter.py)."""
 
@@ -190,6 +189,21 @@ def whole_model_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, w
     return one(by_kind["embedding"]) + one(by_kind["head"]) + spec.num_layers * one(by_kind["block"])
 
 
+def tp1_block_s(layers: Sequence[LayerProfile], mbs: int) -> float | None:
+    """Forward + backward seconds of the tp-1 block at ``mbs`` as profiled (the block a run re-times as its
+    yardstick, runtime/train.py); None if it was not profiled."""
+    return next((lp.fwd_s + lp.bwd_s for lp in layers
+                 if lp.kind == "block" and lp.tp == 1 and lp.micro_batch_size == mbs), None)
+
+
+def machine_slowdown(measured: dict, profiled_block_s: float | None) -> float | None:
+    """A run's yardstick (``measured["yardstick_block_s"]``, the block timed around its steps) / the same block
+    as profiled: > 1 when the machine ran slower than when it was profiled; None when either is missing. A step
+    time / this is the step time at the profiled speed."""
+    yardstick = measured.get("yardstick_block_s")
+    return yardstick / profiled_block_s if yardstick and profiled_block_s else None
+
+
 class Profile(Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     model: ModelSpec
@@ -201,11 +215,11 @@ class Profile(Strict):
     optimizer_bytes_per_param: int = Field(gt=0)
     """AdamW state per parameter, measured from a real step (plus the fp32 master copy under bf16)."""
     runtime: RuntimeCalibration | None = None
+    """Overheads of mpplan's own runtime on this machine; None in profiles taken without calibration runs."""
     tp_blocks: list[TPBlockTiming] = []
     """Blocks timed as run under tensor parallelism (CPU: every profiled tp > 1 that fits in ``ranks``)."""
     fsdp_blocks: list[FSDPBlockTiming] = []
     """Blocks timed as run under ZeRO 2 and 3 (CPU: over all ``ranks``)."""
-    """Overheads of mpplan's own runtime on this machine; None in profiles taken without calibration runs."""
 
     def layer(self, kind: LayerKind, tp: int, micro_batch_size: int) -> LayerProfile | None:
         for lp in self.layers:

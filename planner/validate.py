@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
 
 from planner.plan import Plan
+from planner.profile import machine_slowdown
 from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute
@@ -171,9 +172,8 @@ def outcome_from_report(solver_rank: int, plan: Plan, report: dict | None, error
                           predicted_peak_bytes=plan.predicted.peak_memory_bytes, error=error, busy_cpus=busy_cpus)
     if report is not None:
         outcome.measured_step_time_s = report["measured"]["step_time_s"]
-        yardstick = report["measured"].get("yardstick_block_s")
-        if yardstick and profiled_block_s:
-            outcome.machine_slowdown = yardstick / profiled_block_s
+        outcome.machine_slowdown = machine_slowdown(report["measured"], profiled_block_s)
+        if outcome.machine_slowdown is not None:
             outcome.same_speed_step_time_s = outcome.measured_step_time_s / outcome.machine_slowdown
         outcome.ranks = [RankMemory(rank=r["rank"], predicted_bytes=r["predicted_bytes"],
                                     measured_bytes=r["peak_memory_bytes"]) for r in report["per_rank_memory"]]

@@ -7,10 +7,11 @@ data show a knee) to the powers of two from 1 KiB to 64 MiB; extra sizes at 1.5 
 points, are measured the same way but held out of the fit and report how well it predicts sizes it never saw.
 
 Timing: ``rounds`` passes; a size is due calls(size) calls in all, spread over min(rounds, calls) of the passes
-(a 64 MiB message, 8 calls, is visited in 8 passes of the 12, a 1 KiB one in all 12), each pass visits its
+(a 64 MiB message, 8 calls, is visited in 8 passes of the 24, a 1 KiB one in all 24), each pass visits its
 (op, size)s in a shuffled order (the same on every rank), and every call is timed on its own after a barrier (and,
 the first time an (op, size) is visited, a warm-up call: measured here, the first call of a later visit was no
-slower than the second, 4-64 MiB, so a warm-up per visit only doubled the cost of the large sizes); a call's time is the slowest rank's, and the point is the lower quartile over the calls of all
+slower than the second, 4-64 MiB, so a warm-up per visit only doubled the cost of the large sizes); a call's time
+is the slowest rank's, and the point is the lower quartile over the calls of all
 passes. On this 2-vCPU VM gloo calls stall for ~4 ms in spells (10-50 % of calls for a second or more, then none),
 so below ~2 MiB a size's calls fall in two groups, ~0.3 ms and ~4 ms. Their median flipped between the two from
 one size to the next (1 MiB all_reduce: median 2.2 ms, 1.5 MiB: 1.4 ms), and held-out sizes missed the fit by

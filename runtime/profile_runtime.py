@@ -10,8 +10,8 @@ runtime/train.py, no parallelism) measure these; the parallel plans `mpplan vali
 
 with static = parameters x (weight + AdamW state) bytes (one micro-batch peaks before its gradients exist) and
 loss the logits-sized gradients at the start of backward (planner/memory.py). The AdamW step is timed separately
-on the model's own parameters. Each run's t is scaled to the speed the layers were profiled at (at_profiled_speed),
-so that the overheads are what the runtime adds, not how far the machine's speed moved in between.
+on the model's own parameters. Each run's t is taken at the speed the layers were profiled at (planner/profile.py
+machine_slowdown), so that the overheads are what the runtime adds, not how far the machine's speed moved in between.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 
 from planner.memory import loss_backward_bytes
 from planner.plan import MemoryBreakdown, Parallel, Plan, Prediction, Schedule, SolverInfo, StagePlan, StagePrediction
-from planner.profile import LayerProfile, RuntimeCalibration, RuntimeRun, whole_model_sum
+from planner.profile import (LayerProfile, RuntimeCalibration, RuntimeRun, machine_slowdown, tp1_block_s,
+                             whole_model_sum)
 from planner.specs import ModelSpec, Precision, Recompute, TrainSpec, load_cluster
 from runtime.launch import Job, spawn_local
 from runtime.model import Transformer
@@ -85,10 +86,6 @@ def _layer_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: 
     return total
 
 
-def _block_s(layers: Sequence[LayerProfile], mbs: int) -> float:
-    return next(lp.fwd_s + lp.bwd_s for lp in layers if lp.kind == "block" and lp.tp == 1 and lp.micro_batch_size == mbs)
-
-
 def _loss_bytes(spec: ModelSpec, mbs: int) -> float:
     return loss_backward_bytes(mbs, spec.seq_len, spec.vocab_size)
 
@@ -117,16 +114,6 @@ def side_by_side(job: Job, copies: int) -> list[list[dict]]:
     return outs  # type: ignore[return-value]
 
 
-def at_profiled_speed(report: dict, profiled_block_s: float) -> float:
-    """A run's step time scaled to the speed its layers were profiled at: x profiled block / the block the run
-    timed around its steps (runtime/train.py). The runs come minutes after the layers, on cores that differ in
-    speed (46 vs 80 ms a step side by side), so raw step times minus the layers' sum gave a per-micro-batch
-    overhead anywhere from 0 to 7 ms between profiles; the overhead is fitted on the scaled times."""
-    measured = report["measured"]
-    yardstick = measured.get("yardstick_block_s")
-    return measured["step_time_s"] * (profiled_block_s / yardstick if yardstick else 1.0)
-
-
 def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision: Precision, device: str,
                       optimizer_bytes_per_param: int, concurrent: int = 1) -> RuntimeCalibration:
     """Run the three calibration plans (smallest and largest profiled tp-1 micro-batch) and solve for the
@@ -142,9 +129,13 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
         plans = [single_rank_plan(spec, mbs, m, precision).model_dump_json() for mbs, m in shapes]
         copies = side_by_side(Job(plans=plans, steps=CALIBRATION_STEPS, device=device), concurrent)
         for k, (mbs, m) in enumerate(shapes):
-            block = _block_s(layers, mbs)
-            runs.append(RuntimeRun(micro_batch_size=mbs, num_microbatches=m,
-                                   step_time_s=statistics.fmean(at_profiled_speed(c[k], block) for c in copies),
+            # at the speed the layers were profiled at: the runs come minutes later, on cores that differ in speed
+            # (46 vs 80 ms a step side by side), and raw step times minus the layers' sum put the per-micro-batch
+            # overhead anywhere from 0 to 7 ms between profiles
+            block = tp1_block_s(layers, mbs)
+            at_speed = [c[k]["measured"]["step_time_s"] / (machine_slowdown(c[k]["measured"], block) or 1.0)
+                        for c in copies]
+            runs.append(RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=statistics.fmean(at_speed),
                                    peak_bytes=copies[0][k]["measured"]["peak_memory_bytes"]))
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     opt_per_param, params = adamw_s_per_param(spec, dev)

@@ -260,10 +260,10 @@ def test_zero_2_and_3_take_the_measured_fsdp2_cost_per_block_and_micro_batch(tmp
 
 
 def test_calibration_runs_are_scaled_to_the_speed_the_layers_were_profiled_at():
-    from runtime.profile_runtime import at_profiled_speed
+    from planner.profile import machine_slowdown
 
     # the run's core timed the block at 1.5x its profiled time: its 30 ms step is 20 ms at the profiled speed
-    run = {"measured": {"step_time_s": 0.030, "yardstick_block_s": 0.003}}
-    assert at_profiled_speed(run, profiled_block_s=0.002) == pytest.approx(0.020)
+    run = {"step_time_s": 0.030, "yardstick_block_s": 0.003}
+    assert run["step_time_s"] / machine_slowdown(run, profiled_block_s=0.002) == pytest.approx(0.020)
     # a report without a yardstick (written before runs timed one) is taken as it is
-    assert at_profiled_speed({"measured": {"step_time_s": 0.030}}, profiled_block_s=0.002) == pytest.approx(0.030)
+    assert machine_slowdown({"step_time_s": 0.030}, profiled_block_s=0.002) is None
