@@ -93,27 +93,23 @@ def activation_table() -> list[dict]:
     return rows
 
 
+def fit_rows(run: int, fits) -> list[dict]:
+    """One row per collective fit of one profile (or one run of the collective benchmark)."""
+    return [{"run": run, "op": c.op, "group_size": c.group_size, "alpha_us": c.alpha_s * 1e6,
+             "GBps": 1e-9 / c.beta_s_per_byte if c.beta_s_per_byte else None, "pieces": len(c.pieces),
+             "fit_rel_error": c.max_rel_error, "holdout_rel_error": c.holdout_rel_error,
+             "holdout_median_rel_error": c.holdout_median_rel_error, "stall_us": c.stall_s * 1e6} for c in fits]
+
+
 def collective_table(*profiles: Profile) -> list[dict]:
-    rows = []
-    for run, prof in enumerate(profiles):
-        for c in prof.collectives:
-            rows.append({"run": run, "op": c.op, "group_size": c.group_size, "alpha_us": c.alpha_s * 1e6,
-                         "GBps": 1e-9 / c.beta_s_per_byte if c.beta_s_per_byte else None, "pieces": len(c.pieces),
-                         "fit_rel_error": c.max_rel_error, "holdout_rel_error": c.holdout_rel_error,
-                         "holdout_median_rel_error": c.holdout_median_rel_error, "stall_us": c.stall_s * 1e6})
-    return rows
+    return [row for run, prof in enumerate(profiles) for row in fit_rows(run, prof.collectives)]
 
 
 def collective_repeats(count: int) -> list[dict]:
-    """``count`` more runs of the collective benchmark on 2 ranks: each run's fits as collective_table rows."""
+    """``count`` more runs of the collective benchmark on 2 ranks, as `mpplan profile` runs it."""
     from runtime.profile_comm import measure_collectives
 
-    rows = []
-    for run in range(count):
-        for c in measure_collectives(2):
-            rows.append({"run": run, "op": c.op, "group_size": c.group_size, "pieces": len(c.pieces),
-                         "holdout_rel_error": c.holdout_rel_error, "holdout_median_rel_error": c.holdout_median_rel_error})
-    return rows
+    return [row for run in range(count) for row in fit_rows(run, measure_collectives(2))]
 
 
 def main() -> None:
