@@ -3,8 +3,9 @@ formula, the collective fits' held-out error, and the wall time of the default c
 
     python benchmarks/profile_stability.py --out benchmarks/profile_stability.json
 
-1. Runs `mpplan profile` (tiny-gpt, defaults) twice in a row as a user would (fresh processes), times each run,
-   and compares every layer's fwd / bwd / fwd+bwd median between the two.
+1. Runs `mpplan profile` (tiny-gpt, defaults) ``--profiles`` times in a row as a user would (fresh processes),
+   times each run, and compares every pair: every layer's own fwd / bwd / fwd+bwd cost at the machine's fast pace,
+   the priced times (that cost x the profile's pace) and the paces themselves.
 2. Compares the measured saved-activation bytes of a GPT block with Korthikanti et al. 2022 (arXiv 2205.05198,
    Table 2 / eq. 2, TP without sequence parallelism: sbh (10 + 24/t + 5as/(ht)) bytes at 16-bit with dropout),
    adapted to this model (fp32, no dropout: 4 sbh (4 + 12/t + as/(ht)); selective drops the as/(ht) term; full
@@ -40,19 +41,28 @@ def run_cli(out: Path) -> tuple[Profile, float]:
     return load_profile(out), time.perf_counter() - t0
 
 
+def rel_diffs(a: float, b: float, c: float, d: float) -> dict:
+    """Relative differences of forward (a vs c), backward (b vs d) and their sum, against the first profile."""
+    return {"fwd_s": abs(a - c) / a, "bwd_s": abs(b - d) / b, "fwd_bwd": abs(a + b - c - d) / (a + b)}
+
+
 def compare_runs(a: Profile, b: Profile) -> dict:
+    """Every layer of two profiles: its own cost at the machine's fast pace (fwd_fast_s / bwd_fast_s, what the
+    issue's 'within 10 %' is checked on) and the priced time (fast x pace, which moves with the machine)."""
     rows = []
     for la in a.layers:
         lb = b.layer(la.kind, la.tp, la.micro_batch_size)
-        diff = {k: abs(getattr(la, k) - getattr(lb, k)) / getattr(la, k) for k in ("fwd_s", "bwd_s")}
-        total_a, total_b = la.fwd_s + la.bwd_s, lb.fwd_s + lb.bwd_s
-        diff["fwd_bwd"] = abs(total_a - total_b) / total_a
-        rows.append({"layer": la.kind, "tp": la.tp, "mbs": la.micro_batch_size, "fwd_ms": [la.fwd_s * 1e3, lb.fwd_s * 1e3],
-                     "bwd_ms": [la.bwd_s * 1e3, lb.bwd_s * 1e3], "cv": [la.fwd_cv, la.bwd_cv],
-                     "rel_diff": diff})
+        rows.append({"layer": la.kind, "tp": la.tp, "mbs": la.micro_batch_size,
+                     "fwd_fast_ms": [la.fwd_fast_s * 1e3, lb.fwd_fast_s * 1e3],
+                     "bwd_fast_ms": [la.bwd_fast_s * 1e3, lb.bwd_fast_s * 1e3],
+                     "fwd_ms": [la.fwd_s * 1e3, lb.fwd_s * 1e3], "bwd_ms": [la.bwd_s * 1e3, lb.bwd_s * 1e3],
+                     "cv": [la.fwd_cv, lb.fwd_cv],
+                     "rel_diff": rel_diffs(la.fwd_fast_s, la.bwd_fast_s, lb.fwd_fast_s, lb.bwd_fast_s),
+                     "priced_rel_diff": rel_diffs(la.fwd_s, la.bwd_s, lb.fwd_s, lb.bwd_s)})
     worst = max(max(r["rel_diff"].values()) for r in rows)
-    worst_total = max(r["rel_diff"]["fwd_bwd"] for r in rows)
-    return {"layers": rows, "max_rel_diff_any": worst, "max_rel_diff_fwd_bwd": worst_total,
+    return {"pace": [a.pace, b.pace], "layers": rows, "max_rel_diff_any": worst,
+            "max_rel_diff_fwd_bwd": max(r["rel_diff"]["fwd_bwd"] for r in rows),
+            "max_priced_rel_diff_any": max(max(r["priced_rel_diff"].values()) for r in rows),
             "within_10pct": worst <= 0.10}
 
 
@@ -115,20 +125,23 @@ def collective_repeats(count: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--profiles", type=int, default=3, help="`mpplan profile` runs in a row (every pair compared)")
     parser.add_argument("--comm-repeats", type=int, default=6, help="extra runs of the collective benchmark alone")
     args = parser.parse_args()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        first, wall_1 = run_cli(Path(tmp) / "a.json")
-        second, wall_2 = run_cli(Path(tmp) / "b.json")
+        runs = [run_cli(Path(tmp) / f"{i}.json") for i in range(args.profiles)]
+    profiles = [prof for prof, _ in runs]
+    first = profiles[0]
     report = {
         "machine": {"cpu": first.device.name, "cores": os.cpu_count(), "torch": first.device.torch_version,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-                    "matmul_tflops_1_thread": [first.device.matmul_tflops, second.device.matmul_tflops]},
-        "cli_wall_s": [wall_1, wall_2],
-        "repeatability": compare_runs(first, second),
+                    "matmul_tflops_1_thread": [prof.device.matmul_tflops for prof in profiles]},
+        "cli_wall_s": [wall for _, wall in runs],
+        "repeatability": [{"profiles": [i, j], **compare_runs(profiles[i], profiles[j])}
+                          for i in range(len(profiles)) for j in range(i + 1, len(profiles))],
         "activations": activation_table(),
-        "collectives": collective_table(first, second),
+        "collectives": collective_table(*profiles),
         "collective_repeats": collective_repeats(args.comm_repeats),
     }
     text = json.dumps(report, indent=2)

@@ -40,15 +40,21 @@ class LayerProfile(Strict):
     divided by tp (embedding and head: vocab-parallel embedding and output projection, as Megatron-LM does)."""
     micro_batch_size: int = Field(gt=0)
     fwd_s: float = Field(ge=0)
-    """Median forward seconds after warm-up."""
+    """Forward seconds the planner prices: ``fwd_fast_s`` x the profile's ``pace`` (in profiles written before
+    the pace was measured: the median of samples)."""
     bwd_s: float = Field(ge=0)
-    """Median seconds of the backward alone."""
+    """Seconds of the backward alone, priced likewise."""
+    fwd_fast_s: float | None = Field(default=None, ge=0)
+    """The layer's own forward at the machine's fast pace: the 5th percentile of its calls on the faster process
+    (runtime/profile_layers.py). What repeats between profiles while the machine's speed moves; None in older
+    profiles."""
+    bwd_fast_s: float | None = Field(default=None, ge=0)
     fwd_cv: float = Field(ge=0)
     """Coefficient of variation (stdev / mean) of the forward over the repeats."""
     bwd_cv: float = Field(ge=0)
     recompute_extra_s: dict[Recompute, float] = {}
-    """Extra seconds per forward + backward when the block runs with that mode: median(fwd+bwd with the mode)
-    minus median(fwd+bwd without), floored at 0. Blocks only; {} for the embedding and head."""
+    """Extra seconds per forward + backward when the block runs with that mode: fast(fwd+bwd with the mode)
+    minus fast(fwd+bwd without), floored at 0, x pace. Blocks only; {} for the embedding and head."""
     params: int = Field(ge=0)
     """Parameters of this layer's TP shard."""
     activation_bytes: dict[Recompute, int]
@@ -220,6 +226,10 @@ class Profile(Strict):
     """Blocks timed as run under tensor parallelism (CPU: every profiled tp > 1 that fits in ``ranks``)."""
     fsdp_blocks: list[FSDPBlockTiming] = []
     """Blocks timed as run under ZeRO 2 and 3 (CPU: over all ``ranks``)."""
+    pace: float | None = Field(default=None, ge=1)
+    """How much slower than its fast pace the slowest process ran on average while the layers were timed (mean
+    over fast seconds per call, runtime/profile_layers.py machine_pace); the layers' fwd_s / bwd_s include it.
+    None in profiles written before it was measured."""
 
     def layer(self, kind: LayerKind, tp: int, micro_batch_size: int) -> LayerProfile | None:
         for lp in self.layers:

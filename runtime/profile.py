@@ -23,12 +23,12 @@ import torch
 
 from planner.profile import DeviceInfo, LayerKind, Profile
 from planner.specs import ModelSpec, Precision, SpecError
-from runtime.profile_comm import CommConfig, group_sizes, measure_collectives
+from runtime.profile_comm import CollectiveBench, CommConfig, group_sizes, measure_collectives
 from runtime.profile_concurrent import measure_layers_concurrently
 from runtime.profile_runtime import calibrate_runtime
 from runtime.profile_tp import measure_sharded_blocks
-from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, matmul_tflops, measure_layers,
-                                    optimizer_bytes_per_param)
+from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, layer_profiles, matmul_tflops,
+                                    optimizer_bytes_per_param, time_cases)
 
 KINDS: tuple[LayerKind, ...] = ("embedding", "block", "head")
 
@@ -113,17 +113,19 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
              for kind in KINDS]
     # on CPU every rank's core is busy in a run, so the layers are timed on all of them at once
     concurrent = ranks if device == "cpu" else 1
+    # ... and the collectives are timed next in the same processes (one launch fewer)
+    bench = CollectiveBench(ranks, device, comm, step) if concurrent > 1 else None
     with one_thread():
         if concurrent > 1:
-            layers = measure_layers_concurrently(cases, timing, concurrent, on_round=step)
+            layers, pace = measure_layers_concurrently(cases, timing, concurrent, on_round=step, then=bench)
         else:
-            layers = measure_layers(cases, timing, sync, on_round=step)
+            layers, pace = layer_profiles(cases, [time_cases(cases, timing, sync, on_round=step)])
         info = DeviceInfo(device=device, name=device_name(dev), torch_version=torch.__version__, threads=1,
                           matmul_tflops=matmul_tflops(dev, dtype, sync),
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
         optimizer_bytes = optimizer_bytes_per_param(mixed_precision=device == "cuda")
         step("device")
-    collectives = measure_collectives(ranks, device, comm, on_done=step)
+    collectives = bench.fits() if bench else measure_collectives(ranks, device, comm, on_done=step)
     # blocks under DTensor / FSDP2 take several times a plain block: fewer samples keep their spread small enough
     sharded = replace(timing, warmup=min(timing.warmup, 1), repeats=min(timing.repeats, 9))
     tp_blocks, fsdp_blocks = [], []
@@ -140,4 +142,4 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     step("runtime calibration")
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
                    optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks,
-                   fsdp_blocks=fsdp_blocks)
+                   fsdp_blocks=fsdp_blocks, pace=pace)

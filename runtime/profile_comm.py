@@ -91,24 +91,43 @@ def measure_collectives(ranks: int = 2, device: str = "cpu", config: CommConfig 
     after each round of each group size. A rank that fails raises RuntimeError with its traceback's last line."""
     if ranks < 2:
         return []
-    from runtime.launch import free_port
+    bench = CollectiveBench(ranks, device, config, on_done)
+    run_spawned(benchmark_rank, lambda ctx: [bench.rank_args(rank) for rank in range(ranks)], "collective benchmark",
+                config.timeout_s, bench.handle)
+    return bench.fits()
 
-    port = free_port()
-    raw: dict[tuple[str, int], tuple[list[tuple[int, float]], float]] = {}
 
-    def handle(msg: tuple) -> bool:
-        if msg[0] == "progress" and on_done is not None:
-            on_done(msg[1])
+class CollectiveBench:
+    """The collective benchmark as one part of a spawned job: what each rank's benchmark_rank takes, what the
+    parent does with each message, and the fits once it is done (runtime/profile_concurrent.py runs it in the
+    processes that timed the layers, which saves a launch)."""
+
+    def __init__(self, ranks: int, device: str, config: CommConfig, on_done: Callable[[str], None] | None):
+        from runtime.launch import free_port
+
+        self.ranks, self.device, self.config, self.on_done = ranks, device, config, on_done
+        self.port = free_port()
+        self.raw: dict[tuple[str, int], tuple[list[tuple[int, float]], float]] = {}
+        self.done = False
+
+    def rank_args(self, rank: int) -> tuple:
+        return rank, self.ranks, self.port, self.device, self.config
+
+    def handle(self, msg: tuple) -> bool:
+        """Takes one message from a rank; True once the benchmark is complete."""
+        if msg[0] == "progress" and self.on_done is not None:
+            self.on_done(msg[1])
         if msg[0] == "points":
             _, op, group, points, stall = msg
-            raw[(op, group)] = (points, stall)
-        return msg[0] == "done"
+            self.raw[(op, group)] = (points, stall)
+        self.done = self.done or msg[0] == "done"
+        return self.done
 
-    run_spawned(_worker, lambda ctx: [(rank, ranks, port, device, config) for rank in range(ranks)],
-                "collective benchmark", config.timeout_s, handle)
-    grid = set(config.sizes())
-    return [fit_collective(op, group, [p for p in points if p[0] in grid], [p for p in points if p[0] not in grid],
-                           stall_s=stall) for (op, group), (points, stall) in raw.items()]
+    def fits(self) -> list[CollectiveFit]:
+        grid = set(self.config.sizes())
+        return [fit_collective(op, group, [p for p in points if p[0] in grid],
+                               [p for p in points if p[0] not in grid], stall_s=stall)
+                for (op, group), (points, stall) in self.raw.items()]
 
 
 STALL_MAX_BYTES = 1 << 20
@@ -125,7 +144,8 @@ def stall_of(stats: dict[int, tuple[float, float]]) -> float:
 
 # ----------------------------------------------------------------------------------------------- in a rank
 
-def _worker(rank: int, world: int, port: int, device: str, config: CommConfig, results) -> None:
+def benchmark_rank(rank: int, world: int, port: int, device: str, config: CommConfig, results) -> None:
+    """One rank of the collective benchmark; its messages go to CollectiveBench.handle."""
     try:
         import torch
         import torch.distributed as dist

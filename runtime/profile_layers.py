@@ -9,10 +9,17 @@ runtime/model.py is not changed.
 
 Timing: one thread (the caller sets it), warm-up rounds, then ``repeats`` rounds; a round takes one sample of
 every (layer case, recompute mode) in turn, and a sample runs ``calls`` forward + backward pairs (enough to last
-``min_sample_s``, so a 0.1 ms layer is not timed one clock read at a time) and records the mean forward and mean
-backward of those calls. Reported: the median over rounds and the coefficient of variation. Round-robin keeps a
-slow spell of the machine from landing on one layer only, and keeps the recompute overhead (a difference of two
-medians) meaningful.
+``min_sample_s``, so a 0.1 ms layer is not timed one clock read at a time). Every call's forward and backward are
+kept. Round-robin keeps a slow spell of the machine from landing on one layer only.
+
+What is reported: each layer's time at the machine's fast pace times the machine's pace (combine_processes).
+Measured on this 2-vCPU VM (tiny-gpt, 2 processes side by side, four profiles a few seconds apart): a vCPU runs
+either at full speed or ~1.4-1.6x slower, switching within a fraction of a second or staying slow for a whole
+8 s timing. Each layer's calls are a mixture of the two, so its median moved 20-80 % between profiles with the
+mixture (benchmarks/profile_stability.py). The 5th percentile of a layer's calls on the faster process moved
+at most 2-7 % between those profiles: that is the layer's own cost (``fwd_fast_s``). How slow the machine ran on
+average, mean over fast summed over every case, is the pace (1.14-1.67 there); a synchronized plan waits for
+its slowest rank, so the slowest process's pace prices the plans.
 """
 from __future__ import annotations
 
@@ -138,6 +145,27 @@ class Timing:
     bwd_cv: float
     total_s: float
     """Median of per-sample forward + backward."""
+    fwd_fast_s: float
+    """FAST_QUANTILE of the calls' forward times: the layer at the machine's fast pace."""
+    bwd_fast_s: float
+    total_fast_s: float
+    """FAST_QUANTILE of the calls' forward + backward."""
+    mean_total_s: float
+    """Mean forward + backward per call, slow spells included."""
+
+
+FAST_QUANTILE = 0.05
+"""Of the calls: low enough that a vCPU slow 80 % of the time still shows its fast pace, high enough above the
+minimum not to be one lucky call (module docstring)."""
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The q-quantile by linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def coefficient_of_variation(samples: list[float]) -> float:
@@ -158,6 +186,7 @@ class _Timed:
         fwd, bwd = self.one_call()
         self.calls = max(1, math.ceil(min_sample_s / max(fwd + bwd, 1e-7)))
         self.samples: list[tuple[float, float]] = []
+        self.calls_kept: list[tuple[float, float]] = []
 
     def one_call(self) -> tuple[float, float]:
         self.sync()
@@ -173,18 +202,20 @@ class _Timed:
         return t1 - t0, t2 - t1
 
     def sample(self, keep: bool) -> None:
-        fwd_sum = bwd_sum = 0.0
-        for _ in range(self.calls):
-            fwd, bwd = self.one_call()
-            fwd_sum, bwd_sum = fwd_sum + fwd, bwd_sum + bwd
+        calls = [self.one_call() for _ in range(self.calls)]
         if keep:
-            self.samples.append((fwd_sum / self.calls, bwd_sum / self.calls))
+            self.calls_kept.extend(calls)
+            self.samples.append((sum(c[0] for c in calls) / self.calls, sum(c[1] for c in calls) / self.calls))
 
     def timing(self) -> Timing:
         fwds, bwds = [p[0] for p in self.samples], [p[1] for p in self.samples]
         return Timing(fwd_s=statistics.median(fwds), bwd_s=statistics.median(bwds),
                       fwd_cv=coefficient_of_variation(fwds), bwd_cv=coefficient_of_variation(bwds),
-                      total_s=statistics.median(f + b for f, b in self.samples))
+                      total_s=statistics.median(f + b for f, b in self.samples),
+                      fwd_fast_s=quantile([c[0] for c in self.calls_kept], FAST_QUANTILE),
+                      bwd_fast_s=quantile([c[1] for c in self.calls_kept], FAST_QUANTILE),
+                      total_fast_s=quantile([c[0] + c[1] for c in self.calls_kept], FAST_QUANTILE),
+                      mean_total_s=statistics.fmean(c[0] + c[1] for c in self.calls_kept))
 
 
 def modes_of(kind: LayerKind) -> list[Recompute]:
@@ -212,13 +243,14 @@ YARDSTICK = TimingConfig(warmup=1, repeats=7, min_sample_s=0.005)
 
 
 def yardstick_s(spec: ModelSpec, mbs: int, device: torch.device, sync: Callable[[], None]) -> float:
-    """One tp-1 block's forward + backward at ``mbs``, timed as the profile timed it (median of short samples):
-    a run times it again so that how fast the machine is now can be set against how fast it was when profiled."""
+    """One tp-1 block's forward + backward at ``mbs``, the mean of its calls over short samples, as the profile
+    prices it (fast time x pace, the pace being a mean over calls): a run times it again so that how fast the
+    machine is now can be set against how fast it was when profiled."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `mpplan profile` times it
     timed = _Timed(LayerCase(spec, "block", 1, mbs, device, dtype), Recompute.NONE, sync, YARDSTICK.min_sample_s)
     for round_ in range(YARDSTICK.warmup + YARDSTICK.repeats):
         timed.sample(keep=round_ >= YARDSTICK.warmup)
-    return timed.timing().total_s
+    return timed.timing().mean_total_s
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -261,15 +293,39 @@ def count_params(case: LayerCase) -> int:
 
 def measure_layers(cases: list[LayerCase], config: TimingConfig, sync: Callable[[], None],
                    on_round: Callable[[str], None] | None = None) -> list[LayerProfile]:
+    """Time ``cases`` in this process: layer_profiles of one process's timings, at its own pace."""
+    return layer_profiles(cases, [time_cases(cases, config, sync, on_round)])[0]
+
+
+def machine_pace(timings: list[dict[Recompute, Timing]], fast: list[dict[Recompute, float]]) -> float:
+    """Mean seconds per call over fast seconds per call, summed over every (case, mode): how much slower than its
+    fast pace one process ran on average, slow spells included (>= 1)."""
+    mean = sum(t.mean_total_s for per_case in timings for t in per_case.values())
+    quick = sum(f for per_case in fast for f in per_case.values())
+    return max(1.0, mean / quick) if quick > 0 else 1.0
+
+
+def layer_profiles(cases: list[LayerCase], per_process: list[list[dict[Recompute, Timing]]]
+                   ) -> tuple[list[LayerProfile], float]:
+    """The profiles of ``cases`` timed by one or more processes side by side, and the pace they are priced at.
+
+    A layer's fast time is the fastest process's (a vCPU can stay slow for a whole timing, module docstring);
+    the pace is the slowest process's (a synchronized plan waits for it). Every time the planner reads (fwd_s,
+    bwd_s, the recompute extras) is fast time x pace; the cv is the largest of any process's samples."""
+    fast = [{m: min(p[i][m].total_fast_s for p in per_process) for m in per_process[0][i]} for i in range(len(cases))]
+    pace = max(machine_pace(timings, fast) for timings in per_process)
     profiles = []
-    for case, timings in zip(cases, time_cases(cases, config, sync, on_round)):
-        base = timings[Recompute.NONE]
-        extra = {m: max(0.0, t.total_s - base.total_s) for m, t in timings.items() if m != Recompute.NONE}
+    for i, case in enumerate(cases):
+        timings = [p[i] for p in per_process]
+        plain = [t[Recompute.NONE] for t in timings]
+        fwd_fast, bwd_fast = min(t.fwd_fast_s for t in plain), min(t.bwd_fast_s for t in plain)
+        extra = {m: pace * max(0.0, f - fast[i][Recompute.NONE]) for m, f in fast[i].items() if m != Recompute.NONE}
         profiles.append(LayerProfile(
-            kind=case.kind, tp=case.tp, micro_batch_size=case.micro_batch_size, fwd_s=base.fwd_s, bwd_s=base.bwd_s,
-            fwd_cv=base.fwd_cv, bwd_cv=base.bwd_cv, recompute_extra_s=extra, params=count_params(case),
-            activation_bytes={m: saved_activation_bytes(case, m) for m in timings}))
-    return profiles
+            kind=case.kind, tp=case.tp, micro_batch_size=case.micro_batch_size, fwd_s=pace * fwd_fast,
+            bwd_s=pace * bwd_fast, fwd_fast_s=fwd_fast, bwd_fast_s=bwd_fast,
+            fwd_cv=max(t.fwd_cv for t in plain), bwd_cv=max(t.bwd_cv for t in plain), recompute_extra_s=extra,
+            params=count_params(case), activation_bytes={m: saved_activation_bytes(case, m) for m in timings[0]}))
+    return profiles, pace
 
 
 # ----------------------------------------------------------------------------------- device and optimizer

@@ -90,20 +90,20 @@ def _loss_bytes(spec: ModelSpec, mbs: int) -> float:
     return loss_backward_bytes(mbs, spec.seq_len, spec.vocab_size)
 
 
-def side_by_side(job: Job, copies: int) -> list[list[dict]]:
-    """Run ``copies`` one-rank copies of ``job`` at once (as the layers were timed: every core busy, see
-    runtime/profile_concurrent.py); every copy's reports, one list per copy."""
-    if copies <= 1:
-        return [spawn_local(job, 1)]
-    outs: list[list[dict] | BaseException] = [[] for _ in range(copies)]
+def side_by_side(jobs: list[Job]) -> list[list[dict]]:
+    """Run each of ``jobs`` on one rank, all at once (as the layers were timed: every core busy, see
+    runtime/profile_concurrent.py); every job's reports, one list per job."""
+    if len(jobs) == 1:
+        return [spawn_local(jobs[0], 1)]
+    outs: list[list[dict] | BaseException] = [[] for _ in jobs]
 
     def run(i: int) -> None:
         try:
-            outs[i] = spawn_local(job, 1)
+            outs[i] = spawn_local(jobs[i], 1)
         except BaseException as e:  # re-raised below, in the caller's thread
             outs[i] = e
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(copies)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
     for t in threads:
@@ -121,22 +121,38 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     by side when the layers were timed that way."""
     sizes = sorted({lp.micro_batch_size for lp in layers if lp.tp == 1})
     small, large = sizes[0], sizes[-1]
-    # Two processes: a memory peak is only clean as the first run of a fresh one (a later run reuses the
-    # workspaces and the heap the earlier left behind); the second run of the first process is timed only.
-    groups = [[(small, 1), (small, MICROBATCHES_LONG)]] + ([[(large, 1)]] if large != small else [])
-    runs = []
-    for shapes in groups:
+    timed = [(small, 1), (small, MICROBATCHES_LONG)]
+    fresh = [(large, 1)] if large != small else []
+
+    def job(shapes: list[tuple[int, int]]) -> Job:
         plans = [single_rank_plan(spec, mbs, m, precision).model_dump_json() for mbs, m in shapes]
-        copies = side_by_side(Job(plans=plans, steps=CALIBRATION_STEPS, device=device), concurrent)
-        for k, (mbs, m) in enumerate(shapes):
-            # at the speed the layers were profiled at: the runs come minutes later, on cores that differ in speed
-            # (46 vs 80 ms a step side by side), and raw step times minus the layers' sum put the per-micro-batch
-            # overhead anywhere from 0 to 7 ms between profiles
-            block = tp1_block_s(layers, mbs)
-            at_speed = [c[k]["measured"]["step_time_s"] / (machine_slowdown(c[k]["measured"], block) or 1.0)
-                        for c in copies]
-            runs.append(RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=statistics.fmean(at_speed),
-                                   peak_bytes=copies[0][k]["measured"]["peak_memory_bytes"]))
+        return Job(plans=plans, steps=CALIBRATION_STEPS, device=device)
+
+    # A memory peak is only clean as the first run of a fresh process (a later run reuses the workspaces and the
+    # heap the earlier left behind): the first copy's first run gives the small peak; the large peak comes from
+    # a process of its own. Side by side, that process is the second copy, which then times the small runs too
+    # (one launch instead of two saves ~6 s of a profile that must finish within a minute).
+    if concurrent > 1:
+        copies = side_by_side([job(timed), job(fresh + timed)] + [job(timed)] * (concurrent - 2))
+        large_report = copies[1][0] if fresh else None
+    else:
+        copies = side_by_side([job(timed)])
+        large_report = side_by_side([job(fresh)])[0][0] if fresh else None
+    runs = []
+    for k, (mbs, m) in enumerate(timed):
+        # at the speed the layers were profiled at: the runs come minutes later, on cores that differ in speed
+        # (46 vs 80 ms a step side by side), and raw step times minus the layers' sum put the per-micro-batch
+        # overhead anywhere from 0 to 7 ms between profiles
+        block = tp1_block_s(layers, mbs)
+        reports = [c[len(c) - len(timed) + k]["measured"] for c in copies]
+        at_speed = [r["step_time_s"] / (machine_slowdown(r, block) or 1.0) for r in reports]
+        runs.append(RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=statistics.fmean(at_speed),
+                               peak_bytes=copies[0][k]["measured"]["peak_memory_bytes"]))
+    if large_report is not None:
+        measured = large_report["measured"]  # its peak is what counts; its time is kept like the others'
+        slowdown = machine_slowdown(measured, tp1_block_s(layers, large)) or 1.0
+        runs.append(RuntimeRun(micro_batch_size=large, num_microbatches=1,
+                               step_time_s=measured["step_time_s"] / slowdown, peak_bytes=measured["peak_memory_bytes"]))
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     opt_per_param, params = adamw_s_per_param(spec, dev)
     one, long_ = runs[0], runs[1]

@@ -98,10 +98,11 @@ def test_layers_timed_on_two_processes_at_once():
     from runtime.profile_concurrent import measure_layers_concurrently
 
     rounds = []
-    (both,) = measure_layers_concurrently([case("block")], QUICK, 2, on_round=rounds.append)
+    (both,), pace = measure_layers_concurrently([case("block")], QUICK, 2, on_round=rounds.append)
     (alone,) = measure_layers([case("block")], QUICK, lambda: None)
     assert len(rounds) == QUICK.warmup + QUICK.repeats  # one process reports progress
     assert both.fwd_s > 0 and both.bwd_s > 0 and set(both.recompute_extra_s) == set(alone.recompute_extra_s)
+    assert pace >= 1 and both.fwd_s == pytest.approx(pace * both.fwd_fast_s)
     assert (both.params, both.activation_bytes) == (alone.params, alone.activation_bytes)
 
 

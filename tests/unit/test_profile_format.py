@@ -181,18 +181,30 @@ def test_collective_calls_are_spread_over_the_passes():
     assert sum(big[config.rounds // 2:]) >= sum(big) // 2  # spread through the passes, not bunched at the start
 
 
-def test_layers_timed_side_by_side_keep_the_slower_process():
-    from runtime.profile_concurrent import slowest_process
+def test_layers_priced_at_the_fast_process_cost_times_the_slow_process_pace():
+    import torch
 
-    def layer(kind: str, fwd: float, cv: float) -> LayerProfile:
-        return LayerProfile(kind=kind, tp=1, micro_batch_size=1, fwd_s=fwd, bwd_s=2 * fwd, fwd_cv=cv, bwd_cv=cv,
-                            params=1, activation_bytes={"none": 1})
+    from planner.presets import MODELS
+    from planner.specs import Recompute
+    from runtime.profile_layers import LayerCase, Timing, layer_profiles, quantile
 
-    fast = [layer("block", 1e-3, 0.02), layer("head", 3e-4, 0.2)]
-    slow = [layer("block", 1.6e-3, 0.05), layer("head", 2e-4, 0.1)]  # slower in all, not in every case
-    kept = slowest_process([fast, slow])
-    assert [lp.fwd_s for lp in kept] == [1.6e-3, 2e-4]  # one process's times, not a per-case maximum
-    assert [lp.fwd_cv for lp in kept] == [0.05, 0.2]  # with the largest spread of any process
+    def timing(fast: float, mean: float, cv: float) -> Timing:
+        return Timing(fwd_s=mean / 3, bwd_s=2 * mean / 3, fwd_cv=cv, bwd_cv=cv, total_s=mean, fwd_fast_s=fast / 3,
+                      bwd_fast_s=2 * fast / 3, total_fast_s=fast, mean_total_s=mean)
+
+    cases = [LayerCase(MODELS["tiny-gpt"], kind, 1, 1, torch.device("cpu"), torch.float32) for kind in ("block", "head")]
+    # process 0 ran at full speed (mean 1.1x its fast time); process 1 was slow throughout (1.5x, fast 1.4x)
+    quick = [{Recompute.NONE: timing(1e-3, 1.1e-3, 0.02), Recompute.SELECTIVE: timing(1.2e-3, 1.3e-3, 0.02),
+              Recompute.FULL: timing(1.5e-3, 1.6e-3, 0.02)}, {Recompute.NONE: timing(2e-4, 2.2e-4, 0.3)}]
+    slow = [{m: timing(1.4 * t.total_fast_s, 1.5 * 1.4 * t.total_fast_s, 0.05) for m, t in per.items()}
+            for per in quick]
+    (block, head), pace = layer_profiles(cases, [quick, slow])
+    assert pace == pytest.approx(1.5 * 1.4)  # the slow process's mean over the fast process's fast time
+    assert block.fwd_fast_s == pytest.approx(1e-3 / 3) and head.bwd_fast_s == pytest.approx(4e-4 / 3)
+    assert block.fwd_s == pytest.approx(pace * 1e-3 / 3) and head.bwd_s == pytest.approx(pace * 4e-4 / 3)
+    assert block.recompute_extra_s[Recompute.FULL] == pytest.approx(pace * 0.5e-3)
+    assert (block.fwd_cv, head.fwd_cv) == (0.05, 0.3)  # the largest spread of any process
+    assert quantile([4.0, 1.0, 3.0, 2.0, 5.0], 0.05) == pytest.approx(1.2)
 
 
 def test_fit_collective_reports_holdout_error_on_sizes_it_did_not_see():
