@@ -26,7 +26,7 @@ from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CollectiveBench, CommConfig, group_sizes, measure_collectives
 from runtime.profile_concurrent import measure_layers_concurrently
 from runtime.profile_runtime import calibrate_runtime
-from runtime.profile_tp import measure_sharded_blocks
+from runtime.profile_tp import ShardedBench, measure_sharded_blocks
 from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, layer_profiles, matmul_tflops,
                                     optimizer_bytes_per_param, time_cases)
 
@@ -113,11 +113,17 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
              for kind in KINDS]
     # on CPU every rank's core is busy in a run, so the layers are timed on all of them at once
     concurrent = ranks if device == "cpu" else 1
-    # ... and the collectives are timed next in the same processes (one launch fewer)
+    # blocks under DTensor / FSDP2 take several times a plain block: fewer samples keep their spread small enough
+    sharded = replace(timing, warmup=min(timing.warmup, 1), repeats=min(timing.repeats, 9))
+    tp_worlds, fsdp = tp_blocks_to_time(device, tp_degrees, ranks), times_fsdp_blocks(device, tp_degrees, ranks)
+    # ... and the collectives, then the sharded blocks over all ranks, next in the same processes (two launches
+    # fewer); sharded blocks over fewer ranks get processes of their own
     bench = CollectiveBench(ranks, device, comm, step) if concurrent > 1 else None
+    over_all = ShardedBench(spec, ranks, ranks in tp_worlds, fsdp, micro_batch_sizes, sharded, step)
     with one_thread():
         if concurrent > 1:
-            layers, pace = measure_layers_concurrently(cases, timing, concurrent, on_round=step, then=bench)
+            then = [bench, over_all] if over_all.wraps else [bench]
+            layers, pace = measure_layers_concurrently(cases, timing, concurrent, on_round=step, then=then)
         else:
             layers, pace = layer_profiles(cases, [time_cases(cases, timing, sync, on_round=step)])
         info = DeviceInfo(device=device, name=device_name(dev), torch_version=torch.__version__, threads=1,
@@ -126,14 +132,10 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
         optimizer_bytes = optimizer_bytes_per_param(mixed_precision=device == "cuda")
         step("device")
     collectives = bench.fits() if bench else measure_collectives(ranks, device, comm, on_done=step)
-    # blocks under DTensor / FSDP2 take several times a plain block: fewer samples keep their spread small enough
-    sharded = replace(timing, warmup=min(timing.warmup, 1), repeats=min(timing.repeats, 9))
-    tp_blocks, fsdp_blocks = [], []
-    tp_worlds, fsdp = tp_blocks_to_time(device, tp_degrees, ranks), times_fsdp_blocks(device, tp_degrees, ranks)
-    for world in sorted({*tp_worlds, ranks}):
-        tp, fsdp_timed = measure_sharded_blocks(spec, world, world in tp_worlds, world == ranks and fsdp,
-                                                micro_batch_sizes, sharded, on_done=step)
-        tp_blocks, fsdp_blocks = tp_blocks + tp, fsdp_blocks + fsdp_timed
+    tp_blocks, fsdp_blocks = over_all.timings()  # timed only on CPU with 2+ ranks, i.e. when concurrent > 1
+    for world in sorted(set(tp_worlds) - {ranks}):
+        tp, _ = measure_sharded_blocks(spec, world, True, False, micro_batch_sizes, sharded, on_done=step)
+        tp_blocks = sorted(tp_blocks + tp, key=lambda b: (b.tp, b.micro_batch_size))
     precision = Precision.BF16 if device == "cuda" else Precision.FP32
     runtime = None
     if calibrate and any(lp.tp == 1 for lp in layers):

@@ -15,54 +15,76 @@ slowest process's pace (runtime/profile_layers.py layer_profiles).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 from planner.profile import LayerProfile
 from planner.specs import Recompute
-from runtime.profile_layers import LayerCase, Timing, TimingConfig, layer_profiles, time_cases
-from runtime.profile_comm import CollectiveBench, benchmark_rank
+from runtime.profile_layers import (LayerCase, LayerMemory, Timing, TimingConfig, layer_memory, layer_profiles,
+                                    time_cases)
 from runtime.spawned import report_failure, run_spawned
+
+
+class FollowOn(Protocol):
+    """A spawned measurement that can run in the layer-timing processes after the layers (CollectiveBench,
+    ShardedBench): each rank runs ``fn(*args, results)`` from rank_job, the parent hands every message to handle,
+    and ``done`` says it has all it needs."""
+
+    done: bool
+    timeout_s: float
+
+    def rank_job(self, rank: int) -> tuple[Callable[..., None], tuple]: ...
+
+    def handle(self, msg: tuple) -> bool: ...
 
 
 def measure_layers_concurrently(cases: list[LayerCase], config: TimingConfig, ranks: int,
                                 on_round: Callable[[str], None] | None = None, timeout_s: float = 600.0,
-                                then: CollectiveBench | None = None) -> tuple[list[LayerProfile], float]:
+                                then: Sequence[FollowOn] = ()) -> tuple[list[LayerProfile], float]:
     """time_cases in ``ranks`` CPU processes started together (one process, or fewer than 2 ranks: here); the
-    layer profiles and the pace they are priced at (runtime/profile_layers.py layer_profiles). With ``then``,
-    the same processes run that collective benchmark next (its fits: ``then.fits()``); one launch of torch in
-    fresh processes costs ~3 s of a profile that must finish within a minute."""
+    layer profiles and the pace they are priced at (runtime/profile_layers.py layer_profiles). The same processes
+    then run each measurement of ``then`` in turn, over all ``ranks`` (their results: each one's own, e.g.
+    CollectiveBench.fits()); one launch of torch in fresh processes costs ~3 s of a profile that must finish
+    within a minute."""
+    if ranks < 2 and then:
+        raise ValueError("follow-on measurements need at least 2 ranks")
     if ranks < 2:
         return layer_profiles(cases, [time_cases(cases, config, lambda: None, on_round)])
     measured: dict[int, list[dict[Recompute, Timing]]] = {}
+    memory: dict[int, LayerMemory] = {}
 
     def handle(msg: tuple) -> bool:
         if msg[0] == "round" and on_round is not None:
             on_round(msg[1])
         elif msg[0] == "layers":
             measured[msg[1]] = msg[2]
-        elif then is not None:
-            then.handle(msg)
-        return len(measured) == ranks and (then is None or then.done)
+            memory.update(msg[3])
+        else:  # message kinds differ between the follow-ons: each takes its own
+            for step in then:
+                step.handle(msg)
+        return len(measured) == ranks and all(step.done for step in then)
 
     def make_args(ctx) -> list[tuple]:
         start = ctx.Barrier(ranks)  # every process starts timing together
-        return [(i, cases, config, start, then.rank_args(i) if then else None) for i in range(ranks)]
+        return [(i, ranks, cases, config, start, [step.rank_job(i) for step in then]) for i in range(ranks)]
 
-    run_spawned(_worker, make_args, "layer timing", timeout_s + (then.config.timeout_s if then else 0), handle)
-    # after the processes are done: building the profiles runs forwards here, which would steal a core from them
-    return layer_profiles(cases, [measured[i] for i in range(ranks)])
+    run_spawned(_worker, make_args, "layer timing", timeout_s + sum(step.timeout_s for step in then), handle)
+    return layer_profiles(cases, [measured[i] for i in range(ranks)], [memory[i] for i in range(len(cases))])
 
 
-def _worker(index: int, cases: list[LayerCase], config: TimingConfig, start, then_args: tuple | None,
-            results) -> None:
+def _worker(index: int, ranks: int, cases: list[LayerCase], config: TimingConfig, start,
+            then: list[tuple[Callable[..., None], tuple]], results) -> None:
     try:
         import torch
 
         torch.set_num_threads(1)  # one thread per rank, as the runtime runs
         start.wait()
         report = (lambda label: results.put(("round", label))) if index == 0 else None
-        results.put(("layers", index, time_cases(cases, config, lambda: None, report)))
+        timings = time_cases(cases, config, lambda: None, report)
+        # parameters and saved bytes here, each process a share of the cases: in the parent the first recompute
+        # forward alone costs ~2 s (torch.utils.checkpoint imports torch._dynamo), which these processes have paid
+        share = {i: layer_memory(case) for i, case in enumerate(cases) if i % ranks == index}
+        results.put(("layers", index, timings, share))
     except Exception as e:  # the parent turns this into one RuntimeError
         report_failure(results, index, e)
-    if then_args is not None:
-        benchmark_rank(*then_args, results)
+    for fn, args in then:
+        fn(*args, results)

@@ -291,6 +291,14 @@ def count_params(case: LayerCase) -> int:
     return sum(p.numel() for p in build_layer(case).parameters())
 
 
+LayerMemory = tuple[int, dict[Recompute, int]]
+"""A layer case's parameter count and saved-activation bytes per recompute mode."""
+
+
+def layer_memory(case: LayerCase) -> LayerMemory:
+    return count_params(case), {m: saved_activation_bytes(case, m) for m in modes_of(case.kind)}
+
+
 def measure_layers(cases: list[LayerCase], config: TimingConfig, sync: Callable[[], None],
                    on_round: Callable[[str], None] | None = None) -> list[LayerProfile]:
     """Time ``cases`` in this process: layer_profiles of one process's timings, at its own pace."""
@@ -305,15 +313,17 @@ def machine_pace(timings: list[dict[Recompute, Timing]], fast: list[dict[Recompu
     return max(1.0, mean / quick) if quick > 0 else 1.0
 
 
-def layer_profiles(cases: list[LayerCase], per_process: list[list[dict[Recompute, Timing]]]
-                   ) -> tuple[list[LayerProfile], float]:
+def layer_profiles(cases: list[LayerCase], per_process: list[list[dict[Recompute, Timing]]],
+                   memory: list[LayerMemory] | None = None) -> tuple[list[LayerProfile], float]:
     """The profiles of ``cases`` timed by one or more processes side by side, and the pace they are priced at.
 
     A layer's fast time is the fastest process's (a vCPU can stay slow for a whole timing, module docstring);
     the pace is the slowest process's (a synchronized plan waits for it). Every time the planner reads (fwd_s,
-    bwd_s, the recompute extras) is fast time x pace; the cv is the largest of any process's samples."""
+    bwd_s, the recompute extras) is fast time x pace; the cv is the largest of any process's samples. ``memory``
+    (layer_memory of each case, from processes that had already run them) is measured here when not given."""
     fast = [{m: min(p[i][m].total_fast_s for p in per_process) for m in per_process[0][i]} for i in range(len(cases))]
     pace = max(machine_pace(timings, fast) for timings in per_process)
+    memory = memory or [layer_memory(case) for case in cases]
     profiles = []
     for i, case in enumerate(cases):
         timings = [p[i] for p in per_process]
@@ -324,7 +334,7 @@ def layer_profiles(cases: list[LayerCase], per_process: list[list[dict[Recompute
             kind=case.kind, tp=case.tp, micro_batch_size=case.micro_batch_size, fwd_s=pace * fwd_fast,
             bwd_s=pace * bwd_fast, fwd_fast_s=fwd_fast, bwd_fast_s=bwd_fast,
             fwd_cv=max(t.fwd_cv for t in plain), bwd_cv=max(t.bwd_cv for t in plain), recompute_extra_s=extra,
-            params=count_params(case), activation_bytes={m: saved_activation_bytes(case, m) for m in timings[0]}))
+            params=memory[i][0], activation_bytes=memory[i][1]))
     return profiles, pace
 
 

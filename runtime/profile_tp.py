@@ -33,43 +33,61 @@ def measure_sharded_blocks(spec: ModelSpec, world: int, tp: bool, fsdp: bool, mi
     DTensor TP over all of them (``tp``) and as wrapped for ZeRO 2 and 3 (``fsdp``: FSDP2 fully_shard,
     reshard_after_forward for 3) in a micro-batch that does not reduce gradients, i.e. the parameter gathers and
     FSDP2's hooks that every micro-batch pays (runtime/parallel/data.py)."""
-    wraps = (["tp"] if tp else []) + (["zero2", "zero3"] if fsdp else [])
-    if not wraps:
-        return [], []
-    per_wrap = dict(zip(wraps, _measure(spec, world, wraps, micro_batch_sizes, timing, timeout_s)))
-    if on_done is not None:
-        on_done(f"{'/'.join(wraps)} blocks x{world}")
-    tp_blocks = [TPBlockTiming(tp=world, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=fcv, bwd_cv=bcv)
-                 for mbs, (f, b, fcv, bcv) in zip(micro_batch_sizes, per_wrap.get("tp", []))]
-    fsdp_blocks = [FSDPBlockTiming(zero=zero, dp=world, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=fcv,
-                                   bwd_cv=bcv)
-                   for zero in (2, 3)
-                   for mbs, (f, b, fcv, bcv) in zip(micro_batch_sizes, per_wrap.get(f"zero{zero}", []))]
-    return tp_blocks, fsdp_blocks
+    bench = ShardedBench(spec, world, tp, fsdp, micro_batch_sizes, timing, on_done, timeout_s)
+    if bench.wraps:
+        run_spawned(block_rank, lambda ctx: [bench.rank_args(rank) for rank in range(world)],
+                    f"{bench.label} benchmark", bench.timeout_s, bench.handle)
+    return bench.timings()
 
 
-def _measure(spec: ModelSpec, world: int, wraps: list[str], micro_batch_sizes: Sequence[int], timing: TimingConfig,
-             timeout_s: float) -> list[list[tuple[float, float, float, float]]]:
-    """Per wrap, per micro-batch size: (fwd_s, bwd_s, fwd_cv, bwd_cv), the slowest rank's medians."""
-    from runtime.launch import free_port
+class ShardedBench:
+    """The sharded-block timing as one part of a spawned job (as runtime/profile_comm.py's CollectiveBench): what
+    each rank's block_rank takes, what the parent does with its message, and the timings once it is done.
+    runtime/profile_concurrent.py runs it in the processes that timed the layers and the collectives, which saves
+    a launch of torch in fresh processes (~3 s)."""
 
-    port = free_port()
-    out: list = []
+    def __init__(self, spec: ModelSpec, world: int, tp: bool, fsdp: bool, micro_batch_sizes: Sequence[int],
+                 timing: TimingConfig, on_done: Callable[[str], None] | None, timeout_s: float = 300.0):
+        from runtime.launch import free_port
 
-    def handle(msg: tuple) -> bool:
-        if msg[0] == "done":
-            out.extend(msg[1])
-        return msg[0] == "done"
+        self.spec, self.world, self.sizes, self.timing = spec, world, list(micro_batch_sizes), timing
+        self.on_done, self.timeout_s = on_done, timeout_s
+        self.wraps = (["tp"] if tp else []) + (["zero2", "zero3"] if fsdp else [])
+        self.label = f"{'/'.join(self.wraps)} blocks x{world}"
+        self.port = free_port()
+        self.measured: list[list[tuple[float, float, float, float]]] = []
+        self.done = not self.wraps
 
-    def make_args(ctx) -> list[tuple]:
-        return [(rank, world, port, spec, wraps, list(micro_batch_sizes), timing) for rank in range(world)]
+    def rank_args(self, rank: int) -> tuple:
+        return rank, self.world, self.port, self.spec, self.wraps, self.sizes, self.timing
 
-    run_spawned(_worker, make_args, f"{'/'.join(wraps)} block benchmark", timeout_s, handle)
-    return out
+    def rank_job(self, rank: int) -> tuple[Callable[..., None], tuple]:
+        """What rank ``rank`` runs: block_rank(*args, results)."""
+        return block_rank, self.rank_args(rank)
+
+    def handle(self, msg: tuple) -> bool:
+        """Takes one message from a rank; True once the timings are in."""
+        if msg[0] == "blocks":
+            self.measured, self.done = msg[1], True
+            if self.on_done is not None:
+                self.on_done(self.label)
+        return self.done
+
+    def timings(self) -> tuple[list[TPBlockTiming], list[FSDPBlockTiming]]:
+        """Per wrap, per micro-batch size, the slowest rank's medians (empty lists for what was not timed)."""
+        per_wrap = dict(zip(self.wraps, self.measured))
+        tp_blocks = [TPBlockTiming(tp=self.world, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=fcv, bwd_cv=bcv)
+                     for mbs, (f, b, fcv, bcv) in zip(self.sizes, per_wrap.get("tp", []))]
+        fsdp_blocks = [FSDPBlockTiming(zero=zero, dp=self.world, micro_batch_size=mbs, fwd_s=f, bwd_s=b,
+                                       fwd_cv=fcv, bwd_cv=bcv)
+                       for zero in (2, 3)
+                       for mbs, (f, b, fcv, bcv) in zip(self.sizes, per_wrap.get(f"zero{zero}", []))]
+        return tp_blocks, fsdp_blocks
 
 
-def _worker(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[str], sizes: list[int],
-            timing: TimingConfig, results) -> None:
+def block_rank(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[str], sizes: list[int],
+               timing: TimingConfig, results) -> None:
+    """One rank of the sharded-block timing; its one message (\"blocks\", timings) goes to ShardedBench.handle."""
     try:
         import torch
         import torch.distributed as dist
@@ -103,7 +121,7 @@ def _worker(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[str],
                                  coefficient_of_variation(bwds)))
             out.append(per_size)
         if rank == 0:
-            results.put(("done", out))
+            results.put(("blocks", out))
         dist.barrier()
         dist.destroy_process_group()
     except Exception as e:  # the parent turns this into one RuntimeError
