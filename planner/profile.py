@@ -45,8 +45,8 @@ class LayerProfile(Strict):
     bwd_s: float = Field(ge=0)
     """Seconds of the backward alone, priced likewise."""
     fwd_fast_s: float | None = Field(default=None, ge=0)
-    """The layer's own forward at the machine's fast pace: the 5th percentile of its calls on the faster process
-    (runtime/profile_layers.py). What repeats between profiles while the machine's speed moves; None in older
+    """The layer's own forward at the machine's fast pace: its fastest call on the faster process
+    (runtime/profile_layers.py; the 5th percentile in profiles before 2026-12-01). What repeats between profiles while the machine's speed moves; None in older
     profiles."""
     bwd_fast_s: float | None = Field(default=None, ge=0)
     fwd_cv: float = Field(ge=0)
