@@ -25,7 +25,7 @@ from planner.profile import DeviceInfo, LayerKind, Profile
 from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CollectiveBench, CommConfig, group_sizes, measure_collectives
 from runtime.profile_concurrent import measure_layers_concurrently
-from runtime.profile_runtime import calibrate_runtime
+from runtime.profile_runtime import OptimizerBench, calibrate_runtime
 from runtime.profile_tp import ShardedBench, measure_sharded_blocks
 from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, layer_profiles, matmul_tflops,
                                     optimizer_bytes_per_param, time_cases)
@@ -120,16 +120,17 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     # fewer); sharded blocks over fewer ranks get processes of their own
     bench = CollectiveBench(ranks, device, comm, step) if concurrent > 1 else None
     over_all = ShardedBench(spec, ranks, ranks in tp_worlds, fsdp, micro_batch_sizes, sharded, step)
+    optimizer = OptimizerBench(spec, mixed_precision=device == "cuda")
     with one_thread():
         if concurrent > 1:
-            then = [bench, over_all] if over_all.wraps else [bench]
+            then = [bench, *([over_all] if over_all.wraps else []), optimizer]
             layers, pace = measure_layers_concurrently(cases, timing, concurrent, on_round=step, then=then)
         else:
             layers, pace = layer_profiles(cases, [time_cases(cases, timing, sync, on_round=step)])
         info = DeviceInfo(device=device, name=device_name(dev), torch_version=torch.__version__, threads=1,
                           matmul_tflops=matmul_tflops(dev, dtype, sync),
                           date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        optimizer_bytes = optimizer_bytes_per_param(mixed_precision=device == "cuda")
+        optimizer_bytes = optimizer.bytes_per_param or optimizer_bytes_per_param(mixed_precision=device == "cuda")
         step("device")
     collectives = bench.fits() if bench else measure_collectives(ranks, device, comm, on_done=step)
     tp_blocks, fsdp_blocks = over_all.timings()  # timed only on CPU with 2+ ranks, i.e. when concurrent > 1
@@ -140,7 +141,7 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     runtime = None
     if calibrate and any(lp.tp == 1 for lp in layers):
         with one_thread():
-            runtime = calibrate_runtime(spec, layers, precision, device, optimizer_bytes, concurrent)
+            runtime = calibrate_runtime(spec, layers, precision, device, optimizer_bytes, concurrent, optimizer.adamw)
     step("runtime calibration")
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
                    optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks,

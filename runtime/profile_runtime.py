@@ -80,6 +80,41 @@ def _adamw_s_per_param(spec: ModelSpec, device: torch.device, repeats: int) -> t
     return statistics.median(times) / count, count
 
 
+class OptimizerBench:
+    """AdamW's state bytes per parameter and its step time per parameter (adamw_s_per_param), measured on rank 0
+    of the layer-timing processes after their other work (runtime/profile_concurrent.py FollowOn): the first
+    torch.optim step in a process costs ~2.5 s of imports (torch._dynamo), which those processes have paid and
+    the parent has not."""
+
+    def __init__(self, spec: ModelSpec, mixed_precision: bool, timeout_s: float = 120.0):
+        self.spec, self.mixed_precision, self.timeout_s = spec, mixed_precision, timeout_s
+        self.bytes_per_param: int | None = None
+        self.adamw: tuple[float, int] | None = None
+        self.done = False
+
+    def rank_job(self, rank: int) -> tuple:
+        return optimizer_rank, (rank, self.spec, self.mixed_precision)
+
+    def handle(self, msg: tuple) -> bool:
+        if msg[0] == "optimizer":
+            self.bytes_per_param, self.adamw, self.done = msg[1], msg[2], True
+        return self.done
+
+
+def optimizer_rank(rank: int, spec: ModelSpec, mixed_precision: bool, results) -> None:
+    """Rank 0 measures (OptimizerBench); the others have nothing to do."""
+    if rank != 0:
+        return
+    from runtime.profile_layers import optimizer_bytes_per_param
+    from runtime.spawned import report_failure
+
+    try:
+        results.put(("optimizer", optimizer_bytes_per_param(mixed_precision),
+                     adamw_s_per_param(spec, torch.device("cpu"))))
+    except Exception as e:  # the parent turns this into one RuntimeError
+        report_failure(results, rank, e)
+
+
 def _layer_sum(layers: Sequence[LayerProfile], spec: ModelSpec, mbs: int, what: str) -> float:
     total = whole_model_sum(layers, spec, mbs, what)
     assert total is not None, f"calibrating without every tp-1 layer profiled at mbs {mbs}"
@@ -115,10 +150,11 @@ def side_by_side(jobs: list[Job]) -> list[list[dict]]:
 
 
 def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision: Precision, device: str,
-                      optimizer_bytes_per_param: int, concurrent: int = 1) -> RuntimeCalibration:
+                      optimizer_bytes_per_param: int, concurrent: int = 1,
+                      adamw: tuple[float, int] | None = None) -> RuntimeCalibration:
     """Run the three calibration plans (smallest and largest profiled tp-1 micro-batch) and solve for the
     overheads; each is floored at its physical minimum (0 s, 0 bytes, factor 1). ``concurrent`` copies run side
-    by side when the layers were timed that way."""
+    by side when the layers were timed that way. ``adamw``: adamw_s_per_param already measured (else here)."""
     sizes = sorted({lp.micro_batch_size for lp in layers if lp.tp == 1})
     small, large = sizes[0], sizes[-1]
     timed = [(small, 1), (small, MICROBATCHES_LONG)]
@@ -154,7 +190,7 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
         runs.append(RuntimeRun(micro_batch_size=large, num_microbatches=1,
                                step_time_s=measured["step_time_s"] / slowdown, peak_bytes=measured["peak_memory_bytes"]))
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
-    opt_per_param, params = adamw_s_per_param(spec, dev)
+    opt_per_param, params = adamw or adamw_s_per_param(spec, dev)
     one, long_ = runs[0], runs[1]
     layer_time = _layer_sum(layers, spec, small, "time")
     per_mb = max(0.0, (long_.step_time_s - one.step_time_s) / (MICROBATCHES_LONG - 1) - layer_time)

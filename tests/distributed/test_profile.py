@@ -94,22 +94,26 @@ def test_blocks_timed_under_dtensor_and_fsdp2_on_two_gloo_ranks():
     assert measure_sharded_blocks(GPT, 2, False, False, [1], QUICK) == ([], [])
 
 
-def test_layers_timed_on_two_processes_at_once_then_collectives_and_tp_blocks_in_the_same_processes():
+def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_and_adamw_in_the_same_processes():
     from runtime.profile_comm import CollectiveBench
     from runtime.profile_concurrent import measure_layers_concurrently
+    from runtime.profile_runtime import OptimizerBench
     from runtime.profile_tp import ShardedBench
 
     rounds, labels = [], []
     comm = CollectiveBench(2, "cpu", CommConfig(max_bytes=16 << 10, rounds=2), labels.append)
     blocks = ShardedBench(GPT, 2, True, False, [1], QUICK, labels.append)
+    optimizer = OptimizerBench(GPT, mixed_precision=False)
     (both,), pace = measure_layers_concurrently([case("block")], QUICK, 2, on_round=rounds.append,
-                                                then=[comm, blocks])
+                                                then=[comm, blocks, optimizer])
     (alone,) = measure_layers([case("block")], QUICK, lambda: None)
     assert len(rounds) == QUICK.warmup + QUICK.repeats  # one process reports progress
     assert labels == ["collectives x2 round 1/2", "collectives x2 round 2/2", "tp blocks x2"]
     assert sorted(f.op for f in comm.fits()) == ["all_gather", "all_reduce", "reduce_scatter", "send_recv"]
     tp, fsdp = blocks.timings()
     assert [(t.tp, t.micro_batch_size) for t in tp] == [(2, 1)] and tp[0].fwd_s > 0 and fsdp == []
+    assert optimizer.bytes_per_param == 8 and optimizer.adamw[0] > 0
+    assert optimizer.adamw[1] == GPT.num_layers * GPT.block_params + GPT.embedding_params + GPT.head_params
     assert both.fwd_s > 0 and both.bwd_s > 0 and set(both.recompute_extra_s) == set(alone.recompute_extra_s)
     assert pace >= 1 and both.fwd_s == pytest.approx(pace * both.fwd_fast_s)
     assert (both.params, both.activation_bytes) == (alone.params, alone.activation_bytes)
