@@ -49,9 +49,9 @@ class CommConfig:
     """Each size is timed over calls moving about this many bytes in all, within [min_calls, max_calls]."""
     min_calls: int = 8
     max_calls: int = 96
-    """Caps the small sizes (below ~700 KiB), which move few bytes a call: latency-bound, their lower quartile
-    over 96 calls repeated within 3-8 % between runs, and their calls, ~1.3 ms each on average with the stalls,
-    were 10 of the benchmark's 27 s at 144."""
+    """Caps the small sizes (below ~700 KiB), which move few bytes a call and are latency-bound. At 144 calls
+    their calls, ~1.3 ms each on average with the stalls, were 10 of the benchmark's 27 s; 96 saves ~3 s. The
+    repeatability at 96 was measured only through the fit (benchmarks/profile_stability.py), not per size."""
     timeout_s: float = 300.0
 
     def sizes(self) -> list[int]:
