@@ -93,7 +93,8 @@ def activation_table() -> list[dict]:
                 measured = {m.value: saved_activation_bytes(case, m) for m in Recompute}
                 ref = analytic_bytes(spec, tp, mbs)
                 rows.append({
-                    "model": spec.name, "flavour": spec.flavour, "tp": tp, "mbs": mbs, "as_over_h": spec.num_heads * spec.seq_len / spec.hidden_size,
+                    "model": spec.name, "flavour": spec.flavour, "tp": tp, "mbs": mbs,
+                    "as_over_h": spec.num_heads * spec.seq_len / spec.hidden_size,
                     "measured": measured, "analytic": ref,
                     "ratio_none_vs_fp32_formula": measured["none"] / ref["fp32_nodropout_none"],
                     "ratio_none_vs_flash_formula": measured["none"] / ref["flash_sdpa_none"],

@@ -46,8 +46,8 @@ class LayerProfile(Strict):
     """Seconds of the backward alone, priced likewise."""
     fwd_fast_s: float | None = Field(default=None, ge=0)
     """The layer's own forward at the machine's fast pace: its fastest call on the faster process
-    (runtime/profile_layers.py; the 5th percentile in profiles before 2026-12-01). What repeats between profiles while the machine's speed moves; None in older
-    profiles."""
+    (runtime/profile_layers.py; the 5th percentile in profiles before 2026-12-01). What repeats between profiles
+    while the machine's speed moves; None in older profiles."""
     bwd_fast_s: float | None = Field(default=None, ge=0)
     fwd_cv: float = Field(ge=0)
     """Coefficient of variation (stdev / mean) of the forward over the repeats."""

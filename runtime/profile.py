@@ -4,9 +4,9 @@
     Path("profile.json").write_text(profile.to_json())
 
 What is measured and how: runtime/profile_layers.py (per-layer time, recompute overhead, parameters and
-saved-activation bytes; one block stands for all blocks, which are identical; all cases timed round-robin) and runtime/profile_comm.py (collective
-micro-benchmarks among spawned local ranks, alpha-beta fits). Everything runs with one thread per process, as the
-runtime's ranks do (facts: with two threads the mean doubles beside a busy process).
+saved-activation bytes; one block stands for all blocks, which are identical; all cases timed round-robin) and
+runtime/profile_comm.py (collective micro-benchmarks among spawned local ranks, alpha-beta fits). Everything runs
+with one thread per process, as the runtime's ranks do (facts: with two threads the mean doubles beside a busy process).
 
 A caller that spawns ranks (ranks >= 2) must run under ``if __name__ == "__main__":`` (multiprocessing spawn
 re-imports the main module); the mpplan console script and pytest do.

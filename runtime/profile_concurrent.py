@@ -26,8 +26,8 @@ from runtime.spawned import report_failure, run_spawned
 
 class FollowOn(Protocol):
     """A spawned measurement that can run in the layer-timing processes after the layers (CollectiveBench,
-    ShardedBench, OptimizerBench): each rank runs ``fn(*args, results)`` from rank_job, the parent hands every message to handle,
-    and ``done`` says it has all it needs."""
+    ShardedBench, OptimizerBench): each rank runs ``fn(*args, results)`` from rank_job, the parent hands every
+    message to handle, and ``done`` says it has all it needs."""
 
     done: bool
     timeout_s: float

@@ -2,8 +2,9 @@
 
 The layer profile (runtime/profile_layers.py) times each layer alone. A training step also pays the optimizer,
 zero_grad, the loop and the loss per micro-batch, and its peak holds more than the saved activations (backward's
-activation gradients, kernels' workspaces). Three single-rank runs of the whole model with the real runtime (runtime/launch.py,
-runtime/train.py, no parallelism) measure these; the parallel plans `mpplan validate` checks are not among them.
+activation gradients, kernels' workspaces). Three single-rank runs of the whole model with the real runtime
+(runtime/launch.py, runtime/train.py, no parallelism) measure these; the parallel plans `mpplan validate` checks
+are not among them.
 
     t(mbs, m) = step + m * (layers(mbs) + per_microbatch) + optimizer      runs (mbs0, 1) and (mbs0, 4)
     peak(mbs) = fixed + static + factor * saved_activations(mbs) + loss(mbs)   runs (mbs0, 1) and (mbs1, 1)
@@ -188,7 +189,8 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
         measured = large_report["measured"]  # its peak is what counts; its time is kept like the others'
         slowdown = machine_slowdown(measured, tp1_block_s(layers, large)) or 1.0
         runs.append(RuntimeRun(micro_batch_size=large, num_microbatches=1,
-                               step_time_s=measured["step_time_s"] / slowdown, peak_bytes=measured["peak_memory_bytes"]))
+                               step_time_s=measured["step_time_s"] / slowdown,
+                               peak_bytes=measured["peak_memory_bytes"]))
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     opt_per_param, params = adamw or adamw_s_per_param(spec, dev)
     one, long_ = runs[0], runs[1]

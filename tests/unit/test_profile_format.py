@@ -89,7 +89,8 @@ def test_profile_of_another_shape_is_rejected_by_shape_not_name():
     check_profile_matches(prof, TINY)
     check_profile_matches(prof, TINY.model_copy(update={"name": "renamed-tiny"}))  # same shape, other name
     wider = TINY.model_copy(update={"name": "wide", "hidden_size": 128})
-    with pytest.raises(SpecError, match=r"profile.json was measured for model tiny-gpt \(hidden_size 64\), not wide \(hidden_size 128\)"):
+    expected = r"profile.json was measured for model tiny-gpt \(hidden_size 64\), not wide \(hidden_size 128\)"
+    with pytest.raises(SpecError, match=expected):
         check_profile_matches(prof, wider)
     with pytest.raises(SpecError, match="seq_len"):
         check_profile_matches(prof, TINY.model_copy(update={"seq_len": 128}))
@@ -192,7 +193,8 @@ def test_layers_priced_at_the_fast_process_cost_times_the_slow_process_pace():
         return Timing(fwd_s=mean / 3, bwd_s=2 * mean / 3, fwd_cv=cv, bwd_cv=cv, total_s=mean, fwd_fast_s=fast / 3,
                       bwd_fast_s=2 * fast / 3, total_fast_s=fast, mean_total_s=mean)
 
-    cases = [LayerCase(MODELS["tiny-gpt"], kind, 1, 1, torch.device("cpu"), torch.float32) for kind in ("block", "head")]
+    cases = [LayerCase(MODELS["tiny-gpt"], kind, 1, 1, torch.device("cpu"), torch.float32)
+             for kind in ("block", "head")]
     # process 0 ran at full speed (mean 1.1x its fast time); process 1 was slow throughout (1.5x, fast 1.4x)
     quick = [{Recompute.NONE: timing(1e-3, 1.1e-3, 0.02), Recompute.SELECTIVE: timing(1.2e-3, 1.3e-3, 0.02),
               Recompute.FULL: timing(1.5e-3, 1.6e-3, 0.02)}, {Recompute.NONE: timing(2e-4, 2.2e-4, 0.3)}]
