@@ -21,6 +21,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from cli.errors import EXIT_BAD_INPUT, EXIT_NO_PLAN, fail
 from planner.plan import Schedule
 from planner.solve import DEFAULT_BATCH, DEFAULT_CLUSTER, DEFAULT_MODEL, LOCAL_BATCH, LOCAL_MODEL
 from planner.specs import Recompute, SpecError
@@ -28,18 +29,9 @@ from planner.specs import Recompute, SpecError
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None)
 
-EXIT_BAD_INPUT = 2
-EXIT_NO_PLAN = 3
-
-
 
 def stderr_console() -> Console:
     return Console(stderr=True)
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    print(f"mpplan: {message}", file=sys.stderr)
-    raise typer.Exit(code)
 
 
 def write_new(path: Path, text: str, force: bool) -> None:

@@ -20,7 +20,8 @@ def demo_command(
 
     Example: mpplan demo --ranks 2 --steps 10
     """
-    from cli.app import app, fail
+    from cli.app import app
+    from cli.errors import fail
 
     out = workdir / time.strftime("run-%Y%m%d-%H%M%S")
     try:

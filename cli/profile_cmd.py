@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -16,15 +16,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.errors import EXIT_BAD_INPUT, fail
 from planner.profile import Profile
 from planner.specs import SpecError, load_model
 
-EXIT_BAD_INPUT = 2
 
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    print(f"mpplan profile: {message}", file=sys.stderr)
-    raise typer.Exit(code)
+_fail = partial(fail, command="profile")
 
 
 def parse_int_list(option: str, text: str) -> list[int]:

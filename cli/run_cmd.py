@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,17 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.errors import EXIT_BAD_INPUT, EXIT_FAILED_RUN, fail
 from planner.plan import Plan, load_plan
 from planner.specs import SpecError
 from planner.support import plan_unsupported_reason
 
-EXIT_FAILED_RUN, EXIT_BAD_INPUT = 1, 2
 MiB = 2**20
 
 
-def _fail(message: str, code: int) -> None:
-    print(f"mpplan run: {message}", file=sys.stderr)
-    raise typer.Exit(code)
+_fail = partial(fail, command="run")
 
 
 def _fmt_pct(value: float | None) -> str:

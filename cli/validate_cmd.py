@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.errors import EXIT_BAD_INPUT, EXIT_NO_PLAN, fail
 from planner.plan import Plan, Schedule
 from planner.profile import tp1_block_s
 from planner.search import Pins
@@ -28,13 +30,10 @@ from planner.specs import Recompute, SpecError
 from planner.validate import (PlanOutcome, Summary, candidate_plans, combine_repeats, outcome_from_report, plan_label,
                               summarize)
 
-EXIT_BAD_INPUT, EXIT_NO_PLAN = 2, 3
 MiB = 2**20
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    print(f"mpplan validate: {message}", file=sys.stderr)
-    raise typer.Exit(code)
+_fail = partial(fail, command="validate")
 
 
 def busy_cpus(samples: int = 5, interval_s: float = 0.1) -> float | None:
