@@ -5,7 +5,8 @@ formula, the collective fits' held-out error, and the wall time of the default c
 
 1. Runs `mpplan profile` (tiny-gpt, defaults) ``--profiles`` times in a row as a user would (fresh processes),
    times each run, and compares every pair: every layer's own fwd / bwd / fwd+bwd cost at the machine's fast pace,
-   the priced times (that cost x the profile's pace) and the paces themselves.
+   the priced times (that cost x the profile's pace) and the paces themselves; and the blocks timed under
+   DTensor TP and FSDP2 (the slowest rank's medians, what TP and ZeRO plans are priced from).
 2. Compares the measured saved-activation bytes of a GPT block with Korthikanti et al. 2022 (arXiv 2205.05198,
    Table 2 / eq. 2, TP without sequence parallelism: sbh (10 + 24/t + 5as/(ht)) bytes at 16-bit with dropout),
    adapted to this model (fp32, no dropout: 4 sbh (4 + 12/t + as/(ht)); selective drops the as/(ht) term; full
@@ -60,10 +61,28 @@ def compare_runs(a: Profile, b: Profile) -> dict:
                      "rel_diff": rel_diffs(la.fwd_fast_s, la.bwd_fast_s, lb.fwd_fast_s, lb.bwd_fast_s),
                      "priced_rel_diff": rel_diffs(la.fwd_s, la.bwd_s, lb.fwd_s, lb.bwd_s)})
     worst = max(max(r["rel_diff"].values()) for r in rows)
+    wrapped = compare_wrapped_blocks(a, b)
     return {"pace": [a.pace, b.pace], "layers": rows, "max_rel_diff_any": worst,
             "max_rel_diff_fwd_bwd": max(r["rel_diff"]["fwd_bwd"] for r in rows),
             "max_priced_rel_diff_any": max(max(r["priced_rel_diff"].values()) for r in rows),
-            "within_10pct": worst <= 0.10}
+            "within_10pct": worst <= 0.10, "wrapped_blocks": wrapped,
+            "max_wrapped_rel_diff_fwd_bwd": max((r["rel_diff"]["fwd_bwd"] for r in wrapped), default=None)}
+
+
+def compare_wrapped_blocks(a: Profile, b: Profile) -> list[dict]:
+    """The blocks timed as the runtime wraps them (DTensor TP, FSDP2 ZeRO 2 / 3; runtime/profile_tp.py), which
+    the planner reads instead of the layers for TP and ZeRO plans: their medians, as priced."""
+    rows = []
+    for wrap, blocks in (("tp", "tp_blocks"), ("zero", "fsdp_blocks")):
+        for x in getattr(a, blocks):
+            degree = getattr(x, wrap)
+            y = next((t for t in getattr(b, blocks)
+                      if getattr(t, wrap) == degree and t.micro_batch_size == x.micro_batch_size), None)
+            if y is not None:
+                rows.append({"wrap": f"{wrap}{degree}", "mbs": x.micro_batch_size,
+                             "fwd_ms": [x.fwd_s * 1e3, y.fwd_s * 1e3], "bwd_ms": [x.bwd_s * 1e3, y.bwd_s * 1e3],
+                             "cv": [x.fwd_cv, y.fwd_cv], "rel_diff": rel_diffs(x.fwd_s, x.bwd_s, y.fwd_s, y.bwd_s)})
+    return rows
 
 
 def analytic_bytes(spec: ModelSpec, tp: int, mbs: int) -> dict:
