@@ -12,11 +12,12 @@ blocks. Likewise FSDP2 on CPU: its hooks and per-micro-batch parameter gathers m
 Timing as runtime/profile_layers.py: warm-up samples, then the median of ``repeats`` samples, each repeating
 forward + backward until it lasts ``min_sample_s``; a sample's time is the slowest rank's.
 
-Why a median here and not the layers' fastest call x pace: a wrapped block waits on gloo inside every call, and
-that wait varies from call to call whatever the vCPU's speed. Measured here (2 ranks, tiny-gpt, four runs of this
+Why a median here and not the layers' fastest call x pace: a wrapped block waits on gloo inside every call, and that
+wait varies from call to call whatever the vCPU's speed. Measured here (2 ranks, tiny-gpt, four runs of this
 benchmark alone): its mean was 1.5-2.7x its fastest call (slowest rank per call), against a layer pace of 1.2-1.6,
-so the fastest call x pace would have priced these blocks at 0.45-1.05x their mean, most often ~0.8x. Its medians moved up to
-65 % between those runs, the fastest call up to 57 % (benchmarks/profile_stability.py: 43-53 % between profiles).
+so the fastest call x pace would have priced these blocks at 0.45-1.05x their mean, most often ~0.8x. Its medians
+moved up to 65 % between those runs, the fastest call up to 57 % (benchmarks/profile_stability.py: 43-53 % between
+profiles).
 """
 from __future__ import annotations
 
