@@ -72,17 +72,12 @@ def compare_runs(a: Profile, b: Profile) -> dict:
 def compare_wrapped_blocks(a: Profile, b: Profile) -> list[dict]:
     """The blocks timed as the runtime wraps them (DTensor TP, FSDP2 ZeRO 2 / 3; runtime/profile_tp.py), which
     the planner reads instead of the layers for TP and ZeRO plans: their medians, as priced."""
-    rows = []
-    for wrap, blocks in (("tp", "tp_blocks"), ("zero", "fsdp_blocks")):
-        for x in getattr(a, blocks):
-            degree = getattr(x, wrap)
-            y = next((t for t in getattr(b, blocks)
-                      if getattr(t, wrap) == degree and t.micro_batch_size == x.micro_batch_size), None)
-            if y is not None:
-                rows.append({"wrap": f"{wrap}{degree}", "mbs": x.micro_batch_size,
-                             "fwd_ms": [x.fwd_s * 1e3, y.fwd_s * 1e3], "bwd_ms": [x.bwd_s * 1e3, y.bwd_s * 1e3],
-                             "cv": [x.fwd_cv, y.fwd_cv], "rel_diff": rel_diffs(x.fwd_s, x.bwd_s, y.fwd_s, y.bwd_s)})
-    return rows
+    pairs = [(f"tp{x.tp}", x, b.tp_block(x.tp, x.micro_batch_size)) for x in a.tp_blocks]
+    pairs += [(f"zero{x.zero}", x, b.fsdp_block(x.zero, x.dp, x.micro_batch_size)) for x in a.fsdp_blocks]
+    return [{"wrap": wrap, "mbs": x.micro_batch_size, "fwd_ms": [x.fwd_s * 1e3, y.fwd_s * 1e3],
+             "bwd_ms": [x.bwd_s * 1e3, y.bwd_s * 1e3], "cv": [x.fwd_cv, y.fwd_cv],
+             "rel_diff": rel_diffs(x.fwd_s, x.bwd_s, y.fwd_s, y.bwd_s)}
+            for wrap, x, y in pairs if y is not None]
 
 
 def analytic_bytes(spec: ModelSpec, tp: int, mbs: int) -> dict:
