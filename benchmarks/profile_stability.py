@@ -14,7 +14,8 @@ formula, the collective fits' held-out error, and the wall time of the default c
    logsumexp of (a/t) s b floats instead of the s x s softmax; LayerNorms keep mean and rstd, 4 bs floats).
 3. Reports each collective's held-out relative error (worst and median over the held-out sizes) and its mean
    stall per call from both runs, and from ``--comm-repeats`` more runs of the collective benchmark alone (as
-   `mpplan profile` runs it, ~20 s each), so the worst case is seen over more than two draws of this VM's noise.
+   `mpplan profile` runs it, but holding out a size in every gap of the grid: ~30 s each), so the worst case is
+   seen over more than two draws of this VM's noise and at every gap.
 """
 from __future__ import annotations
 
@@ -131,10 +132,12 @@ def collective_table(*profiles: Profile) -> list[dict]:
 
 
 def collective_repeats(count: int) -> list[dict]:
-    """``count`` more runs of the collective benchmark on 2 ranks, as `mpplan profile` runs it."""
-    from runtime.profile_comm import measure_collectives
+    """``count`` more runs of the collective benchmark on 2 ranks, as `mpplan profile` runs it but with a size
+    held out in every gap of the fitted grid, not every other one (22 sizes, not 11)."""
+    from runtime.profile_comm import CommConfig, measure_collectives
 
-    return [row for run in range(count) for row in fit_rows(run, measure_collectives(2))]
+    every_gap = CommConfig(holdout_stride=1)
+    return [row for run in range(count) for row in fit_rows(run, measure_collectives(2, config=every_gap))]
 
 
 def main() -> None:

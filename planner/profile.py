@@ -311,7 +311,7 @@ def max_rel_error(alpha: float, beta: float, points: Sequence[tuple[float, float
 
 
 PIECE_NOISE = 0.05
-"""Relative scatter of a measured point (lower quartile of its calls) on this VM, from repeated profiles: a split
+"""Relative scatter of a measured point (the faster half of its calls) on this VM, from repeated profiles: a split
 that fits the points closer than this is fitting noise, so fit_pieces scores no split below it. Per-point scatter
 between runs was 3-12 % (AMD host, 8 runs of the benchmark); against 0.08, 0.05 let a second piece follow the
 bend from latency to bandwidth (128 KiB-1 MiB), and the mean worst held-out error fell from 17 to 14 % and from

@@ -3,19 +3,23 @@
 ``measure_collectives(ranks=2)`` spawns ``ranks`` processes that meet over 127.0.0.1, times all_reduce (SUM),
 all_gather, reduce_scatter (SUM) and a send/recv ping-pong over geometric message sizes, for every group size
 2, 4, ... up to ``ranks`` (and ``ranks`` itself), and fits ``time = alpha + beta * nbytes`` (piecewise where the
-data show a knee) to the powers of two from 1 KiB to 64 MiB; extra sizes at 1.5 x 4^k KiB, between the grid
-points, are measured the same way but held out of the fit and report how well it predicts sizes it never saw.
+data show a knee) to the powers of two from 1 KiB to 64 MiB and the 1.5 x 2^k between 64 KiB and 4 MiB (see
+CommConfig.dense_from); extra sizes in the middle of the gaps of that grid are measured the same way but held out
+of the fit and report how well it predicts sizes it never saw.
 
 Timing: ``rounds`` passes; a size is due calls(size) calls in all, spread over min(rounds, calls) of the passes
 (a 64 MiB message, 8 calls, is visited in 8 passes of the 24, a 1 KiB one in all 24), each pass visits its
 (op, size)s in a shuffled order (the same on every rank), and every call is timed on its own after a barrier (and,
 the first time an (op, size) is visited, a warm-up call: measured here, the first call of a later visit was no
 slower than the second, 4-64 MiB, so a warm-up per visit only doubled the cost of the large sizes); a call's time
-is the slowest rank's, and the point is the lower quartile over the calls of all
-passes. On this 2-vCPU VM gloo calls stall for ~4 ms in spells (10-50 % of calls for a second or more, then none),
-so below ~2 MiB a size's calls fall in two groups, ~0.3 ms and ~4 ms. Their median flipped between the two from
+is the slowest rank's, and the point is the mean of the faster half of the calls of all passes. On this 2-vCPU
+VM gloo calls stall for ~4 ms in spells (10-50 % of calls for a second or more, then none), so below ~2 MiB a
+size's calls fall in two groups, ~0.3 ms and ~4 ms. Their median flipped between the two from
 one size to the next (1 MiB all_reduce: median 2.2 ms, 1.5 MiB: 1.4 ms), and held-out sizes missed the fit by
-20-95 %; the lower quartile is the unstalled call's time while at most half the calls stall. Visiting sizes in
+20-95 %; the faster half holds the unstalled calls while at most half the calls stall. Its mean moved less
+between runs than the lower quartile (which is one call's time): over 3 runs of 4 ops the worst held-out size was
+12-29 % off (4 of 12 over 20 %), against 10-33 % (6 of 12) for the lower quartile; the fastest call, 17-81 %,
+since the luckiest call of many is not the typical one. Visiting sizes in
 order let one spell bend several neighbouring sizes, which the fit then took for a knee; the shuffle spreads each
 spell thinly over all sizes, and more visits of fewer calls each keep one spell from owning a size. The fit is to
 the unstalled call; how much the mean exceeds it (stall_of) is kept beside the fit, since a step that makes many
@@ -54,18 +58,33 @@ class CommConfig:
     repeatability at 96 was measured only through the fit (benchmarks/profile_stability.py), not per size."""
     timeout_s: float = 300.0
 
+    dense_from: int = 64 << 10
+    dense_to: int = 4 << 20
+    """Between these sizes the grid also has 1.5 x 2^k: the bend from latency to bandwidth, where gloo's time
+    steps rather than bends. Measured on the AMD host (lower half of the calls, 3 runs): all_reduce 256 KiB
+    0.70-0.73 ms, 384 KiB 0.71-0.78, 512 KiB 1.03-1.06; reduce_scatter's 384 KiB was faster than its 256 KiB.
+    On powers of two alone the fit drew one line from 256 to 512 KiB and priced 384 KiB 6-29 % high in all 12
+    fits; glibc's mmap threshold is not the cause (MALLOC_MMAP_THRESHOLD_=1 GiB left the step where it was)."""
+
+    holdout_stride: int = 2
+    """Every how many gaps of the fitted grid a held-out size is measured in (benchmarks/profile_stability.py
+    measures all of them; the profile, every other one, to keep under a minute)."""
+
     def sizes(self) -> list[int]:
-        """Powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17 sizes), the sizes fitted."""
+        """The sizes fitted: powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17), and 1.5 x 2^k
+        from dense_from to dense_to (96 KiB .. 3 MiB: 6)."""
         lo, hi = int(math.log2(self.min_bytes)), int(math.log2(self.max_bytes))
-        return [1 << e for e in range(lo, hi + 1)]
+        powers = [1 << e for e in range(lo, hi + 1)]
+        dense = [p * 3 // 2 for p in powers if self.dense_from <= p * 3 // 2 < self.dense_to and p < self.max_bytes]
+        return sorted({*powers, *dense})
 
     def holdout_sizes(self) -> list[int]:
-        """1.5 x 4^k times min_bytes below max_bytes (1.5 KiB, 6 KiB .. 24 MiB: 8 sizes), measured, not fitted."""
-        out, n = [], self.min_bytes * 3 // 2
-        while n < self.max_bytes:
-            out.append(n)
-            n *= 4
-        return out
+        """Measured, not fitted: the geometric middle of every ``holdout_stride``-th gap of the fitted grid
+        (rounded to 256 bytes), as far from what the fit saw as a size can be (1.5 KiB, 5.75 KiB .. 22.6 MiB: 11
+        sizes at the default stride of 2; all 22 gaps at 1)."""
+        grid = self.sizes()
+        gaps = list(zip(grid, grid[1:]))[::self.holdout_stride]
+        return sorted({round(math.sqrt(a * b) / 256) * 256 for a, b in gaps} - set(grid))
 
     def calls_per_size(self, nbytes: int) -> int:
         return max(self.min_calls, min(self.max_calls, self.sample_bytes // max(nbytes, 1)))
@@ -111,7 +130,7 @@ class CollectiveBench:
         self.ranks, self.device, self.config, self.on_done = ranks, device, config, on_done
         self.timeout_s = config.timeout_s
         self.port = free_port()
-        self.raw: dict[tuple[str, int], tuple[list[tuple[int, float]], float]] = {}
+        self.raw: dict[tuple[str, int], tuple[list[tuple[int, float]], list[tuple[int, float]], float]] = {}
         self.done = False
 
     def rank_args(self, rank: int) -> tuple:
@@ -126,26 +145,24 @@ class CollectiveBench:
         if msg[0] == "progress" and self.on_done is not None:
             self.on_done(msg[1])
         if msg[0] == "points":
-            _, op, group, points, stall = msg
-            self.raw[(op, group)] = (points, stall)
+            _, op, group, fitted, held, stall = msg
+            self.raw[(op, group)] = (fitted, held, stall)
         self.done = self.done or msg[0] == "done"
         return self.done
 
     def fits(self) -> list[CollectiveFit]:
-        grid = set(self.config.sizes())
-        return [fit_collective(op, group, [p for p in points if p[0] in grid],
-                               [p for p in points if p[0] not in grid], stall_s=stall)
-                for (op, group), (points, stall) in self.raw.items()]
+        return [fit_collective(op, group, fitted, held, stall_s=stall)
+                for (op, group), (fitted, held, stall) in self.raw.items()]
 
 
 STALL_MAX_BYTES = 1 << 20
-"""Sizes whose mean - lower quartile estimates the stall: above ~1 MiB a call's own spread swamps it."""
+"""Sizes whose mean - faster half's mean estimates the stall: above ~1 MiB a call's own spread swamps it."""
 
 
 def stall_of(stats: dict[int, tuple[float, float]]) -> float:
-    """The typical (median) mean - lower quartile per call over sizes up to STALL_MAX_BYTES, floored at 0; measured
-    it is about constant per op below 1 MiB (all_reduce ~1 ms, reduce_scatter ~0.8, all_gather and send/recv
-    ~0.3) and the same in repeated runs."""
+    """The typical (median) mean - faster half's mean per call over sizes up to STALL_MAX_BYTES, floored at 0;
+    measured (against the lower quartile) it is about constant per op below 1 MiB (all_reduce ~1 ms,
+    reduce_scatter ~0.8, all_gather and send/recv ~0.3) and the same in repeated runs."""
     excess = [mean - typical for n, (typical, mean) in stats.items() if n <= STALL_MAX_BYTES]
     return max(0.0, statistics.median(excess)) if excess else 0.0
 
@@ -179,9 +196,11 @@ def benchmark_rank(rank: int, world: int, port: int, device: str, config: CommCo
             if rank in members:
                 for op in ops:
                     stats = {n: bench.slowest_stats(times[(op, n)], pg) for n in bench.all_sizes()}
-                    points = [(moved[(op, n)], typical) for n, (typical, _) in stats.items()]
+                    # by the size asked for: the bytes moved differ where a group does not divide it
+                    fitted, held = ([(moved[(op, n)], stats[n][0]) for n in sizes]
+                                    for sizes in (config.sizes(), config.holdout_sizes()))
                     if rank == 0:
-                        results.put(("points", op, group, points, stall_of(stats)))
+                        results.put(("points", op, group, fitted, held, stall_of(stats)))
             dist.barrier()
         if rank == 0:
             results.put(("done",))
@@ -236,11 +255,11 @@ class _RankBench:
                 bucket.append(time.perf_counter() - t0)
 
     def slowest_stats(self, times: list[float], pg) -> tuple[float, float]:
-        """A call's time is the slowest rank's; (lower quartile, mean) over the calls."""
+        """A call's time is the slowest rank's; (mean of the faster half, mean) over the calls."""
         slowest = self.torch.tensor(times, dtype=self.torch.float64, device=self.device)
         self.dist.all_reduce(slowest, op=self.dist.ReduceOp.MAX, group=pg)
         calls = slowest.tolist()
-        return statistics.quantiles(calls, n=4)[0], statistics.fmean(calls)
+        return statistics.fmean(sorted(calls)[:max(1, len(calls) // 2)]), statistics.fmean(calls)
 
     def _call(self, op: CollectiveOp, group: int, pg, nbytes: int) -> tuple[Callable[[], None], int]:
         """The call for one sample and the bytes it moves (by the convention in planner/profile.py)."""

@@ -144,7 +144,7 @@ def test_collectives_over_two_gloo_ranks():
     assert len(labels) == CommConfig().rounds
     for fit in fits:
         sizes = sorted(n for n, _ in fit.points + fit.holdout_points)
-        assert sizes == sorted([1 << e for e in range(10, 17)] + [1536, 6 << 10, 24 << 10])
+        assert sizes == sorted([1 << e for e in range(10, 17)] + [1536, 5888, 23296])
         assert len(fit.points) == 7 and len(fit.holdout_points) == 3
         assert all(t > 0 for _, t in fit.points) and fit.alpha_s + fit.beta_s_per_byte > 0
 
