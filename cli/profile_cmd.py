@@ -63,7 +63,17 @@ def summary_tables(profile: Profile) -> list[Table]:
         rate = f"{1e-9 / c.beta_s_per_byte:.2f}" if c.beta_s_per_byte > 0 else "-"
         comms.add_row(c.op, str(c.group_size), f"{c.alpha_s * 1e6:.0f}", f"{c.stall_s * 1e6:.0f}", rate,
                       str(max(1, len(c.pieces))), f"{c.max_rel_error:.0%}", _held_out(c))
-    return [layers, comms]
+    tables = [layers, comms]
+    if profile.pipeline is not None:
+        hand_offs = Table(title=f"pipeline hand-offs ({profile.pipeline.message_bytes // 1024} KiB, "
+                                "torch.distributed.pipelining)", title_justify="left")
+        for col in ("schedule", "vpp", "micro-batches", "waits per rank", "step ms", "ms per hand-off"):
+            hand_offs.add_column(col, justify="left" if col == "schedule" else "right")
+        for r in profile.pipeline.runs:
+            hand_offs.add_row(r.schedule, str(r.vpp), str(r.num_microbatches), str(r.receives_per_rank),
+                              f"{r.step_time_s * 1e3:.1f}", f"{r.receive_s * 1e3:.2f}")
+        tables.append(hand_offs)
+    return tables
 
 
 def _held_out(fit) -> str:
@@ -93,7 +103,7 @@ def profile_command(
         spec = load_model(model, seq_len)
         micro_batch_sizes, tp_degrees = parse_int_list("--mbs", mbs), parse_int_list("--tp", tp)
         from runtime.profile import (check_request, count_steps, profile_model,  # torch from here on
-                                     times_fsdp_blocks, tp_blocks_to_time)
+                                     times_fsdp_blocks, times_pipeline, tp_blocks_to_time)
 
         check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
     except SpecError as e:
@@ -104,7 +114,7 @@ def profile_command(
                   console=console, disable=not console.is_terminal, transient=True) as bar:
         task = bar.add_task(f"profiling {spec.name}", total=count_steps(
             ranks, tp_to_time=tp_blocks_to_time(device, tp_degrees, ranks),
-            fsdp=times_fsdp_blocks(device, tp_degrees, ranks)))
+            fsdp=times_fsdp_blocks(device, tp_degrees, ranks), pipeline=times_pipeline(device, ranks)))
         try:
             profile = profile_model(spec, device, micro_batch_sizes, tp_degrees, ranks,
                                     progress=lambda label: bar.update(task, advance=1, description=label))

@@ -128,6 +128,10 @@ class AnalyticCosts:
         gathers from the collective model."""
         return None
 
+    def pipeline_transfer_s(self, nbytes: float, interleaved: bool) -> float | None:
+        """Measured cost of one pipeline hand-off of ``nbytes`` (a profile's); None: price it as a send_recv."""
+        return None
+
     def __init__(self, model: ModelSpec, gpu: GPUSpec, train: TrainSpec, traits: RuntimeTraits = RuntimeTraits()):
         self.model, self.gpu, self.train, self.traits = model, gpu, train, traits
         self.elem_bytes = train.weight_bytes  # activations in the training precision

@@ -183,8 +183,10 @@ class Estimator:
 
     # ------------------------------------------------------------------ communication
     def comm(self, c: Config) -> Comm:
-        """Communication of a configuration; the schedule and virtual stages do not change it (cached)."""
-        key = (c.tp, c.pp, c.dp, c.sp, c.micro_batch_size, c.zero, c.num_microbatches > 1, c.mesh_order)
+        """Communication of a configuration (cached); of the schedule only whether it interleaves changes it (a
+        profile's pipeline hand-offs)."""
+        key = (c.tp, c.pp, c.dp, c.sp, c.micro_batch_size, c.zero, c.num_microbatches > 1, c.mesh_order,
+               c.schedule == Schedule.INTERLEAVED)
         if key not in self._comm_cache:
             self._comm_cache[key] = self._comm(c)
         return self._comm_cache[key]
@@ -205,7 +207,10 @@ class Estimator:
         tp_block = block.tp_collectives * one
         # neighbouring pipeline ranks: the activation of one micro-batch, sharded over TP when SP is on
         p2p_bytes = block.tp_comm_bytes / (c.tp if c.sp else 1)
-        p2p = along(MeshAxis.PP, "send_recv", p2p_bytes) if c.pp > 1 else 0.0
+        p2p = 0.0
+        if c.pp > 1:  # as a profile measured the pipelining runtime's hand-offs, else as a send_recv
+            measured = self.costs.pipeline_transfer_s(p2p_bytes, c.schedule == Schedule.INTERLEAVED)
+            p2p = measured if measured is not None else along(MeshAxis.PP, "send_recv", p2p_bytes)
         # data parallel: gradients of this rank's parameters, on the busiest pipeline rank
         rank_params = self.rank_params_upper(c)
         grad_bytes = rank_params * (self.traits.grad_reduce_bytes or self.train.grad_bytes)

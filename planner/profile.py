@@ -210,6 +210,39 @@ def machine_slowdown(measured: dict, profiled_block_s: float | None) -> float | 
     return yardstick / profiled_block_s if yardstick and profiled_block_s else None
 
 
+class PipelineRun(Strict):
+    """One schedule run by torch.distributed.pipelining on stages that do almost no work."""
+
+    schedule: Literal["1f1b", "interleaved"]
+    vpp: int = Field(gt=0)
+    num_microbatches: int = Field(gt=0)
+    receives_per_rank: int = Field(gt=0)
+    """Activations and gradients the busiest rank waits for in a step (planner/schedule.py receives_per_rank)."""
+    step_time_s: float = Field(gt=0)
+    """Median step time, the slowest rank's."""
+
+    @property
+    def receive_s(self) -> float:
+        """Seconds per hand-off: the step is its hand-offs."""
+        return self.step_time_s / self.receives_per_rank
+
+
+class PipelineCalibration(Strict):
+    """What one hand-off between pipeline ranks costs in the real pipelining runtime (runtime/profile_pipeline.py):
+    the stages only scale their input, so a step is its hand-offs."""
+
+    message_bytes: int = Field(gt=0)
+    """The activation passed: one micro-batch (the smallest profiled) x seq_len x hidden_size."""
+    runs: list[PipelineRun] = Field(min_length=1)
+
+    def receive_s(self, interleaved: bool) -> float:
+        """Seconds per hand-off under the interleaved schedule's run, or else under the one-chunk (1F1B) run
+        (GPipe has the same hand-offs per chunk); the other run where one is missing."""
+        kind = "interleaved" if interleaved else "1f1b"
+        run = next((r for r in self.runs if r.schedule == kind), self.runs[0])
+        return run.receive_s
+
+
 class Profile(Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     model: ModelSpec
@@ -226,6 +259,9 @@ class Profile(Strict):
     """Blocks timed as run under tensor parallelism (CPU: every profiled tp > 1 that fits in ``ranks``)."""
     fsdp_blocks: list[FSDPBlockTiming] = []
     """Blocks timed as run under ZeRO 2 and 3 (CPU: over all ``ranks``)."""
+    pipeline: PipelineCalibration | None = None
+    """CPU, 2+ ranks: the cost of a pipeline hand-off as the pipelining runtime pays it; None in profiles taken
+    without it (the planner then charges the send_recv fit's expected_s)."""
     pace: float | None = Field(default=None, ge=1)
     """How much slower than its fast pace the slowest process ran on average while the layers were timed (mean
     over fast seconds per call, runtime/profile_layers.py machine_pace); the layers' fwd_s / bwd_s include it.

@@ -58,6 +58,18 @@ class ProfiledCosts:
             return None
         return max(0.0, real.fwd_s + real.bwd_s - plain.fwd_s - plain.bwd_s)
 
+    def pipeline_transfer_s(self, nbytes: float, interleaved: bool) -> float | None:
+        """One pipeline hand-off of ``nbytes`` as the pipelining runtime pays it under this kind of schedule: the
+        profile's measured hand-off (runtime/profile_pipeline.py) moved along the send_recv fit to this size (never
+        below the fit itself); None when the profile did not time hand-offs."""
+        cal, fit = self.profile.pipeline, self.profile.collective("send_recv", 2)
+        if cal is None:
+            return None
+        measured = cal.receive_s(interleaved)
+        if fit is None:
+            return measured
+        return max(fit.time_s(nbytes), measured + fit.time_s(nbytes) - fit.time_s(cal.message_bytes))
+
     def memory_time_s(self, nbytes: float) -> float:
         return nbytes / (self.gpu.hbm_GBps * 1e9)
 

@@ -160,6 +160,18 @@ def rank_orders(schedule: Schedule, pp: int, vpp: int, num_microbatches: int) ->
     return [[_decode(c, m) for c in codes] for codes in _rank_codes(schedule, pp, vpp, m)]
 
 
+def receives_per_rank(schedule: Schedule, pp: int, vpp: int, num_microbatches: int) -> int:
+    """The most pipeline transfers one rank waits for in a step: a forward of every virtual stage but the first
+    receives an activation, a backward of every stage but the last a gradient (the hand-offs planner/estimate.py
+    charges on CPU)."""
+    m, last = num_microbatches, pp * vpp - 1
+
+    def receives(code: int) -> bool:
+        stage = (code >> 1) // m
+        return stage < last if code & 1 else stage > 0
+    return max(sum(map(receives, codes)) for codes in _rank_codes(schedule, pp, vpp, m))
+
+
 def _rank_peaks(schedule: Schedule, pp: int, vpp: int, m: int,
                 weight: Sequence[int] | None) -> list[tuple[int, list[int]]]:
     """Per rank: (peak of sum over its stages of weight[j] * held[j], held per local chunk at the first such peak)."""

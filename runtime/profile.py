@@ -25,6 +25,7 @@ from planner.profile import DeviceInfo, LayerKind, Profile
 from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CollectiveBench, CommConfig, group_sizes, measure_collectives
 from runtime.profile_concurrent import measure_layers_concurrently
+from runtime.profile_pipeline import PipelineBench
 from runtime.profile_runtime import OptimizerBench, calibrate_runtime
 from runtime.profile_tp import ShardedBench, measure_sharded_blocks
 from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, layer_profiles, matmul_tflops,
@@ -47,11 +48,17 @@ def times_fsdp_blocks(device: str, tp_degrees: Sequence[int], ranks: int) -> boo
     return device == "cpu" and ranks >= 2 and 1 in tp_degrees
 
 
+def times_pipeline(device: str, ranks: int) -> bool:
+    """Pipeline hand-offs are timed under torch.distributed.pipelining over all ranks on CPU (2+ ranks)."""
+    return device == "cpu" and ranks >= 2
+
+
 def count_steps(ranks: int, timing: TimingConfig = TimingConfig(), comm: CommConfig = CommConfig(),
-                tp_to_time: Sequence[int] = (), fsdp: bool = False) -> int:
+                tp_to_time: Sequence[int] = (), fsdp: bool = False, pipeline: bool = False) -> int:
     """How many times profile_model calls its progress callback (for a progress bar's total)."""
     sharded_worlds = {*tp_to_time, *([ranks] if fsdp else [])}
-    return timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + len(sharded_worlds) + 1
+    return (timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + len(sharded_worlds)
+            + int(pipeline) + 1)
 
 
 def check_request(spec: ModelSpec, device: str, micro_batch_sizes: Sequence[int], tp_degrees: Sequence[int],
@@ -121,9 +128,11 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     bench = CollectiveBench(ranks, device, comm, step) if concurrent > 1 else None
     over_all = ShardedBench(spec, ranks, ranks in tp_worlds, fsdp, micro_batch_sizes, sharded, step)
     optimizer = OptimizerBench(spec, mixed_precision=device == "cuda")
+    # CPU: a pipeline hand-off as torch.distributed.pipelining pays it, at the smallest micro-batch's activation
+    pipeline = PipelineBench(spec, ranks, min(micro_batch_sizes), step) if times_pipeline(device, ranks) else None
     with one_thread():
         if concurrent > 1:
-            then = [bench, *([over_all] if over_all.wraps else []), optimizer]
+            then = [bench, *([over_all] if over_all.wraps else []), *([pipeline] if pipeline else []), optimizer]
             layers, pace = measure_layers_concurrently(cases, timing, concurrent, on_round=step, then=then)
         else:
             layers, pace = layer_profiles(cases, [time_cases(cases, timing, sync, on_round=step)])
@@ -145,4 +154,4 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     step("runtime calibration")
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
                    optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks,
-                   fsdp_blocks=fsdp_blocks, pace=pace)
+                   fsdp_blocks=fsdp_blocks, pipeline=pipeline.calibration() if pipeline else None, pace=pace)

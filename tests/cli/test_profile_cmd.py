@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from cli.app import app
 from planner.profile import check_profile_matches, load_profile
 from planner.presets import MODELS
+from runtime.profile_comm import CommConfig
 
 
 def invoke(*args: str):
@@ -56,11 +57,14 @@ def test_real_run_writes_a_valid_profile_and_prints_json(tmp_path):
     assert {(lp.kind, lp.tp, lp.micro_batch_size) for lp in prof.layers} == {
         (k, t, m) for k in ("embedding", "block", "head") for t in (1, 2) for m in (1, 2)}
     assert {c.op for c in prof.collectives} == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
-    for fit in prof.collectives:  # powers of two 1 KiB .. 64 MiB fitted, 1.5 x 4^k KiB between them held out
-        assert [n for n, _ in fit.points] == [1 << e for e in range(10, 27)]
-        assert [n for n, _ in fit.holdout_points] == [1536 << (2 * k) for k in range(8)]
+    comm = CommConfig()
+    for fit in prof.collectives:  # powers of two 1 KiB .. 64 MiB and 1.5 x 2^k at the bend fitted, gaps held out
+        assert [n for n, _ in fit.points] == comm.sizes() and len(comm.sizes()) == 23
+        assert [n for n, _ in fit.holdout_points] == comm.holdout_sizes() and len(comm.holdout_sizes()) == 11
         assert fit.holdout_median_rel_error is not None
     assert prof.optimizer_bytes_per_param == 8 and prof.precision == "fp32"
     assert {(t.tp, t.micro_batch_size) for t in prof.tp_blocks} == {(2, 1), (2, 2)}  # DTensor blocks, tp > 1
     assert {(t.zero, t.dp, t.micro_batch_size) for t in prof.fsdp_blocks} == {
         (z, 2, m) for z in (2, 3) for m in (1, 2)}  # FSDP2-wrapped blocks over both ranks
+    assert prof.pipeline is not None and prof.pipeline.message_bytes == 1 * 64 * 64 * 4  # mbs 1 x seq x hidden
+    assert [r.schedule for r in prof.pipeline.runs] == ["1f1b", "interleaved"]

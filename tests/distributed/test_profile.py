@@ -94,9 +94,10 @@ def test_blocks_timed_under_dtensor_and_fsdp2_on_two_gloo_ranks():
     assert measure_sharded_blocks(GPT, 2, False, False, [1], QUICK) == ([], [])
 
 
-def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_and_adamw_in_the_same_processes():
+def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_pipeline_and_adamw_in_them():
     from runtime.profile_comm import CollectiveBench
     from runtime.profile_concurrent import measure_layers_concurrently
+    from runtime.profile_pipeline import PipelineBench
     from runtime.profile_runtime import OptimizerBench
     from runtime.profile_tp import ShardedBench
 
@@ -104,11 +105,18 @@ def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_and_ad
     comm = CollectiveBench(2, "cpu", CommConfig(max_bytes=16 << 10, rounds=2), labels.append)
     blocks = ShardedBench(GPT, 2, True, False, [1], QUICK, labels.append)
     optimizer = OptimizerBench(GPT, mixed_precision=False)
+    pipeline = PipelineBench(GPT, 2, 1, labels.append)
     (both,), pace = measure_layers_concurrently([case("block")], QUICK, 2, on_round=rounds.append,
-                                                then=[comm, blocks, optimizer])
+                                                then=[comm, blocks, pipeline, optimizer])
     (alone,) = measure_layers([case("block")], QUICK, lambda: None)
     assert len(rounds) == QUICK.warmup + QUICK.repeats  # one process reports progress
-    assert labels == ["collectives x2 round 1/2", "collectives x2 round 2/2", "tp blocks x2"]
+    assert labels == ["collectives x2 round 1/2", "collectives x2 round 2/2", "tp blocks x2",
+                      "pipeline hand-offs x2"]
+    hand_offs = pipeline.calibration()
+    assert hand_offs.message_bytes == GPT.seq_len * GPT.hidden_size * 4
+    assert [(r.schedule, r.vpp, r.receives_per_rank) for r in hand_offs.runs] == [("1f1b", 1, 16),
+                                                                                ("interleaved", 2, 48)]
+    assert all(r.step_time_s > 0 for r in hand_offs.runs)
     assert sorted(f.op for f in comm.fits()) == ["all_gather", "all_reduce", "reduce_scatter", "send_recv"]
     tp, fsdp = blocks.timings()
     assert [(t.tp, t.micro_batch_size) for t in tp] == [(2, 1)] and tp[0].fwd_s > 0 and fsdp == []

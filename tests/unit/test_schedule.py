@@ -324,3 +324,16 @@ def test_orders_match_torch_pipelining_tables():
             # what it executes (_step_microbatches: min(m, pp - rank) warm-up forwards, then B/F) is our order.
             ours, theirs = ours[:-1], theirs[:-1]
         assert ours == theirs, (schedule, pp, vpp, m)
+
+
+def test_receives_per_rank_count_every_hand_off_a_rank_waits_for():
+    from planner.schedule import receives_per_rank
+
+    # 1F1B / GPipe over 2 ranks: rank 0 waits for every gradient, rank 1 for every activation
+    assert receives_per_rank(Schedule.ONE_F_ONE_B, 2, 1, 16) == 16
+    assert receives_per_rank(Schedule.GPIPE, 2, 1, 8) == 8
+    # a middle rank of 4 waits for both
+    assert receives_per_rank(Schedule.ONE_F_ONE_B, 4, 1, 8) == 16
+    # interleaved over 2 ranks with v chunks each: 2v - 1 of a rank's 2v actions per micro-batch receive
+    for vpp in (2, 3, 4):
+        assert receives_per_rank(Schedule.INTERLEAVED, 2, vpp, 16) == (2 * vpp - 1) * 16

@@ -240,6 +240,36 @@ def test_on_cpu_a_pipeline_receive_occupies_the_receiving_rank(tmp_path):
     assert priced - free > 4.5e-3
 
 
+def test_measured_pipeline_hand_offs_price_each_schedule_kind_and_move_with_the_message_size(tmp_path):
+    from planner.estimate import Config
+    from planner.plan import Schedule
+    from planner.profile import PipelineCalibration, PipelineRun
+
+    runs = [PipelineRun(schedule="1f1b", vpp=1, num_microbatches=16, receives_per_rank=16, step_time_s=0.016),
+            PipelineRun(schedule="interleaved", vpp=2, num_microbatches=16, receives_per_rank=48,
+                        step_time_s=0.072)]
+    cal = PipelineCalibration(message_bytes=8 * 1024, runs=runs)
+    timed = synthetic_profile().model_copy(update={"pipeline": cal})
+
+    def p2p(profile, schedule: Schedule, vpp: int, mbs: int) -> float:
+        c = Config(tp=1, pp=2, dp=1, vpp=vpp, sp=False, micro_batch_size=mbs, num_microbatches=8, zero=0,
+                   schedule=schedule, recompute=(Recompute.NONE,))
+        return request(tmp_path, profile).estimator().comm(c).p2p_s
+
+    fit = synthetic_profile().collective("send_recv", 2)  # 0.2 ms + 1 ns per byte
+    act = TINY.seq_len * TINY.hidden_size * 4  # one micro-batch's activation, fp32
+    assert p2p(synthetic_profile(), Schedule.INTERLEAVED, 2, 1) == pytest.approx(fit.expected_s(act))
+    # 1 ms per hand-off under 1F1B (16 ms / 16), 1.5 ms interleaved (72 / 48), measured at 8 KiB; moved along
+    # the fit's 1 ns per byte to the activation's size
+    assert p2p(timed, Schedule.ONE_F_ONE_B, 1, 1) == pytest.approx(1e-3 + (act - 8192) * 1e-9)
+    assert p2p(timed, Schedule.GPIPE, 1, 2) == pytest.approx(1e-3 + (2 * act - 8192) * 1e-9)
+    assert p2p(timed, Schedule.INTERLEAVED, 2, 1) == pytest.approx(1.5e-3 + (act - 8192) * 1e-9)
+    # a measured hand-off below the fit's own time is floored at the fit
+    cheap = cal.model_copy(update={"runs": [runs[0].model_copy(update={"step_time_s": 1e-4})]})
+    assert p2p(synthetic_profile().model_copy(update={"pipeline": cheap}), Schedule.ONE_F_ONE_B, 1, 1) == (
+        pytest.approx(fit.time_s(act)))
+
+
 def test_measured_fsdp2_cost_is_paid_every_micro_batch_on_every_block(tmp_path):
     from planner.estimate import Config
     from planner.plan import Schedule
