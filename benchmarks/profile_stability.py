@@ -133,7 +133,7 @@ def collective_table(*profiles: Profile) -> list[dict]:
 
 def collective_repeats(count: int) -> list[dict]:
     """``count`` more runs of the collective benchmark on 2 ranks, as `mpplan profile` runs it but with a size
-    held out in every gap of the fitted grid, not every other one (22 sizes, not 11)."""
+    held out in every gap of the fitted grid, not every other one (16 sizes, not 8)."""
     from runtime.profile_comm import CommConfig, measure_collectives
 
     every_gap = CommConfig(holdout_stride=1)

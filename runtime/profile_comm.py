@@ -3,9 +3,8 @@
 ``measure_collectives(ranks=2)`` spawns ``ranks`` processes that meet over 127.0.0.1, times all_reduce (SUM),
 all_gather, reduce_scatter (SUM) and a send/recv ping-pong over geometric message sizes, for every group size
 2, 4, ... up to ``ranks`` (and ``ranks`` itself), and fits ``time = alpha + beta * nbytes`` (piecewise where the
-data show a knee) to the powers of two from 1 KiB to 64 MiB and the 1.5 x 2^k between 64 KiB and 4 MiB (see
-CommConfig.dense_from); extra sizes in the middle of the gaps of that grid are measured the same way but held out
-of the fit and report how well it predicts sizes it never saw.
+data show a knee) to the powers of two from 1 KiB to 64 MiB; extra sizes in the middle of the gaps of that grid
+are measured the same way but held out of the fit and report how well it predicts sizes it never saw.
 
 Timing: ``rounds`` passes; a size is due calls(size) calls in all, spread over min(rounds, calls) of the passes
 (a 64 MiB message, 8 calls, is visited in 8 passes of the 24, a 1 KiB one in all 24), each pass visits its
@@ -58,30 +57,25 @@ class CommConfig:
     repeatability at 96 was measured only through the fit (benchmarks/profile_stability.py), not per size."""
     timeout_s: float = 300.0
 
-    dense_from: int = 64 << 10
-    dense_to: int = 4 << 20
-    """Between these sizes the grid also has 1.5 x 2^k: the bend from latency to bandwidth, where gloo's time
-    steps rather than bends. Measured on the AMD host (lower half of the calls, 3 runs): all_reduce 256 KiB
-    0.70-0.73 ms, 384 KiB 0.71-0.78, 512 KiB 1.03-1.06; reduce_scatter's 384 KiB was faster than its 256 KiB.
-    On powers of two alone the fit drew one line from 256 to 512 KiB and priced 384 KiB 6-29 % high in all 12
-    fits; glibc's mmap threshold is not the cause (MALLOC_MMAP_THRESHOLD_=1 GiB left the step where it was)."""
-
     holdout_stride: int = 2
     """Every how many gaps of the fitted grid a held-out size is measured in (benchmarks/profile_stability.py
-    measures all of them; the profile, every other one, to keep under a minute)."""
+    measures all of them; the profile, every other one, to keep under a minute).
+
+    Tried and dropped: fitting 1.5 x 2^k between 64 KiB and 4 MiB too, where gloo's time steps rather than bends
+    (all_reduce 256 KiB 0.70-0.73 ms, 384 KiB 0.71-0.78, 512 KiB 1.03-1.06; on powers of two alone 384 KiB was
+    priced 6-29 % high in all 12 fits; MALLOC_MMAP_THRESHOLD_=1 GiB left the step where it was). With those
+    sizes fitted, sizes held out between them were still priced 5-30 % high from 150 KiB to 2 MiB (8 of 8 fits),
+    and the benchmark took 29 s of a 54 s profile on a slow afternoon: not worth its 7 s."""
 
     def sizes(self) -> list[int]:
-        """The sizes fitted: powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17), and 1.5 x 2^k
-        from dense_from to dense_to (96 KiB .. 3 MiB: 6)."""
+        """The sizes fitted: powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17)."""
         lo, hi = int(math.log2(self.min_bytes)), int(math.log2(self.max_bytes))
-        powers = [1 << e for e in range(lo, hi + 1)]
-        dense = [p * 3 // 2 for p in powers if self.dense_from <= p * 3 // 2 < self.dense_to and p < self.max_bytes]
-        return sorted({*powers, *dense})
+        return [1 << e for e in range(lo, hi + 1)]
 
     def holdout_sizes(self) -> list[int]:
         """Measured, not fitted: the geometric middle of every ``holdout_stride``-th gap of the fitted grid
-        (rounded to 256 bytes), as far from what the fit saw as a size can be (1.5 KiB, 5.75 KiB .. 22.6 MiB: 11
-        sizes at the default stride of 2; all 22 gaps at 1)."""
+        (sqrt(2) x 2^k rounded to 256 bytes), as far from what the fit saw as a size can be (1.5 KiB, 5.75 KiB
+        .. 23 MiB: 8 sizes at the default stride of 2; all 16 gaps at 1)."""
         grid = self.sizes()
         gaps = list(zip(grid, grid[1:]))[::self.holdout_stride]
         return sorted({round(math.sqrt(a * b) / 256) * 256 for a, b in gaps} - set(grid))

@@ -58,9 +58,9 @@ def test_real_run_writes_a_valid_profile_and_prints_json(tmp_path):
         (k, t, m) for k in ("embedding", "block", "head") for t in (1, 2) for m in (1, 2)}
     assert {c.op for c in prof.collectives} == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
     comm = CommConfig()
-    for fit in prof.collectives:  # powers of two 1 KiB .. 64 MiB and 1.5 x 2^k at the bend fitted, gaps held out
-        assert [n for n, _ in fit.points] == comm.sizes() and len(comm.sizes()) == 23
-        assert [n for n, _ in fit.holdout_points] == comm.holdout_sizes() and len(comm.holdout_sizes()) == 11
+    for fit in prof.collectives:  # powers of two 1 KiB .. 64 MiB fitted, the middles of every other gap held out
+        assert [n for n, _ in fit.points] == [1 << e for e in range(10, 27)]
+        assert [n for n, _ in fit.holdout_points] == comm.holdout_sizes() and len(comm.holdout_sizes()) == 8
         assert fit.holdout_median_rel_error is not None
     assert prof.optimizer_bytes_per_param == 8 and prof.precision == "fp32"
     assert {(t.tp, t.micro_batch_size) for t in prof.tp_blocks} == {(2, 1), (2, 2)}  # DTensor blocks, tp > 1

@@ -168,24 +168,20 @@ def test_pieces_never_step_down_where_they_start():
         assert after.alpha_s + after.beta_s_per_byte * start >= before.alpha_s + before.beta_s_per_byte * start
 
 
-def test_collective_grid_is_denser_at_the_bend_and_holds_out_the_middle_of_its_gaps():
+def test_collective_sizes_held_out_sit_in_the_middle_of_the_gaps_of_the_fitted_grid():
     from runtime.profile_comm import CommConfig
 
-    kib = 1 << 10
     config = CommConfig()
     grid = config.sizes()
-    assert grid[:7] == [1 << e for e in range(10, 17)] and grid[-5:] == [1 << e for e in range(22, 27)]
-    assert [n // kib for n in grid if n & (n - 1)] == [96, 192, 384, 768, 1536, 3072]
+    assert grid == [1 << e for e in range(10, 27)]  # 1 KiB .. 64 MiB
     held = config.holdout_sizes()
-    assert len(held) == 11 and not set(held) & set(grid)
-    for n in held:  # each in the geometric middle of a gap of the grid, to 256 bytes
-        above = min(g for g in grid if g > n)
+    assert len(held) == 8 and not set(held) & set(grid)
+    for n in held:  # each in the geometric middle of a gap of the grid, to 256 bytes, in every other gap
         below = max(g for g in grid if g < n)
-        assert abs(n - (above * below) ** 0.5) <= 128 and n % 256 == 0
+        assert abs(n - below * 2 ** 0.5) <= 128 and n % 256 == 0 and (below.bit_length() - 11) % 2 == 0
     every_gap = CommConfig(holdout_stride=1).holdout_sizes()
     assert len(every_gap) == len(grid) - 1 and set(held) < set(every_gap)
-    assert 443 * kib < every_gap[11] < 444 * kib  # between 384 and 512 KiB, where gloo's time steps
-    small = CommConfig(max_bytes=16 * kib)
+    small = CommConfig(max_bytes=16 << 10)
     assert small.sizes() == [1 << e for e in range(10, 15)] and small.holdout_sizes() == [1536, 5888]
 
 
