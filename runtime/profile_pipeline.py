@@ -24,7 +24,7 @@ from planner.plan import Schedule
 from planner.profile import PipelineCalibration, PipelineRun
 from planner.schedule import receives_per_rank
 from planner.specs import ModelSpec
-from runtime.spawned import report_failure
+from runtime.spawned import report_and_leave, report_failure
 
 SCHEDULES: tuple[tuple[str, int], ...] = (("1f1b", 1), ("interleaved", 2))
 MICROBATCHES_PER_RANK = 8
@@ -101,10 +101,7 @@ def pipeline_rank(rank: int, world: int, port: int, spec: ModelSpec, mbs: int, m
             slowest = torch.tensor(times[WARMUP_STEPS:], dtype=torch.float64)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             medians.append(statistics.median(slowest.tolist()))
-        if rank == 0:
-            results.put(("pipeline", medians))
-        dist.barrier()
-        dist.destroy_process_group()
+        report_and_leave(dist, results, rank, ("pipeline", medians))
     except Exception as e:  # the parent turns this into one RuntimeError
         report_failure(results, rank, e)
 

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 from planner.profile import FSDPBlockTiming, TPBlockTiming
 from planner.specs import ModelSpec
 from runtime.profile_layers import TimingConfig, coefficient_of_variation
-from runtime.spawned import report_failure, run_spawned
+from runtime.spawned import report_and_leave, report_failure, run_spawned
 
 
 def measure_sharded_blocks(spec: ModelSpec, world: int, tp: bool, fsdp: bool, micro_batch_sizes: Sequence[int],
@@ -127,10 +127,7 @@ def block_rank(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[st
                 per_size.append((statistics.median(fwds), statistics.median(bwds), coefficient_of_variation(fwds),
                                  coefficient_of_variation(bwds)))
             out.append(per_size)
-        if rank == 0:
-            results.put(("blocks", out))
-        dist.barrier()
-        dist.destroy_process_group()
+        report_and_leave(dist, results, rank, ("blocks", out))
     except Exception as e:  # the parent turns this into one RuntimeError
         report_failure(results, rank, e)
 

@@ -21,6 +21,15 @@ def report_failure(results, rank: int, error: Exception) -> None:
     raise SystemExit(1)
 
 
+def report_and_leave(dist, results, rank: int, message: tuple) -> None:
+    """In a spawned rank that is done: rank 0 sends ``message``, then every rank leaves the process group
+    together (the barrier keeps rank 0's peers in the group until it has sent)."""
+    if rank == 0:
+        results.put(message)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_spawned(target: Callable[..., None], make_args: Callable[[mp.context.SpawnContext], Sequence[tuple]],
                 what: str, timeout_s: float, on_message: Callable[[tuple], bool]) -> None:
     """Start ``target(*args, results)`` in one spawned process per tuple of ``make_args(ctx)`` (the context, for
