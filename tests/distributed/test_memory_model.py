@@ -79,9 +79,22 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_predicted_peak_memory_of_every_rank_is_close_to_the_measured(runs, name):
     plans, reports = runs
-    tolerance = TP_TOLERANCE if plans[name].parallel.tp > 1 else TOLERANCE
-    for row in reports[name]["per_rank_memory"]:
+    plan = plans[name]
+    tolerance = TP_TOLERANCE if plan.parallel.tp > 1 else TOLERANCE
+    rows = reports[name]["per_rank_memory"]
+    # The meter counts a block freed on a thread it does not watch until its address is reused
+    # (runtime/memory_meter.py); DDP reduces its bucket on gloo's worker thread, and once in ~10 runs one rank
+    # measured exactly one gradient copy more (+1,757,092 bytes: 436,864 fp32 gradients; +0.1 % on the other
+    # rank). Data-parallel ranks hold the same, so a model error shows on both: one must match as it is, the
+    # other may carry that one block.
+    unseen_free = 4 * TINY.num_layers * TINY.block_params + 4 * (TINY.embedding_params + TINY.head_params)
+    symmetric_ddp = plan.parallel.dp == len(rows) and plan.zero == 0
+    errors = sorted(abs(r["peak_memory_bytes"] - r["predicted_bytes"]) / r["predicted_bytes"] for r in rows)
+    assert errors[0] <= tolerance, (name, rows)
+    for row in rows:
         measured, predicted = row["peak_memory_bytes"], row["predicted_bytes"]
+        if symmetric_ddp and measured - predicted > tolerance * predicted:
+            measured -= unseen_free
         assert abs(measured - predicted) <= tolerance * predicted, (name, row)
 
 
