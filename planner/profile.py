@@ -24,7 +24,10 @@ from pydantic import Field
 
 from planner.specs import ModelSpec, Precision, Recompute, SpecError, Strict, load_versioned
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: collectives gained aligned_points / aligned_pieces (an mpplan that reads 1 alone says so, rather than
+rejecting an unknown key). Version 1 files still load: what they lack has a default that prices as they did."""
+OLDER_VERSIONS = (1,)
 
 LayerKind = Literal["embedding", "block", "head"]
 CollectiveOp = Literal["all_reduce", "all_gather", "reduce_scatter", "send_recv"]
@@ -90,6 +93,12 @@ class CollectiveFit(Strict):
     """Piecewise alpha-beta (at most 4 pieces) where one line does not fit: on CPUs a message that fits in cache
     moves several times faster per byte than one that does not. time_s uses them when present; alpha_s and
     beta_s_per_byte stay the single-line fit over all sizes."""
+    aligned_points: list[tuple[int, float]] = []
+    """Raw (nbytes, seconds) at exact powers of two, fitted apart from ``points`` (runtime/profile_comm.py: on gloo
+    a power of two cost 10-25 % more than the sizes around it from 256 KiB to 4 MiB, and all_gather 40 % more at
+    32 MiB). Empty in profiles whose ``points`` are the powers of two themselves."""
+    aligned_pieces: list[AlphaBetaPiece] = []
+    """The fit of ``aligned_points`` (one piece or more); time_s uses it for a message of exactly 2^k bytes."""
 
     stall_s: float = Field(default=0.0, ge=0)
     """Mean minus median seconds per call, typical over sizes up to 1 MiB: what this machine's scheduling stalls
@@ -103,7 +112,7 @@ class CollectiveFit(Strict):
     def time_s(self, nbytes: float) -> float:
         """Predicted seconds for a message of ``nbytes`` (by the op's nbytes convention)."""
         alpha, beta = self.alpha_s, self.beta_s_per_byte
-        for piece in self.pieces:
+        for piece in self.aligned_pieces if self.aligned_pieces and is_power_of_two(nbytes) else self.pieces:
             if nbytes >= piece.from_bytes:
                 alpha, beta = piece.alpha_s, piece.beta_s_per_byte
         return alpha + beta * nbytes
@@ -244,7 +253,7 @@ class PipelineCalibration(Strict):
 
 
 class Profile(Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     model: ModelSpec
     precision: Precision
     """fp32 on CPU, bf16 on CUDA."""
@@ -297,7 +306,7 @@ class Profile(Strict):
 
 def load_profile(path: str | Path) -> Profile:
     """Read and validate profile.json; any problem is a SpecError with one line naming the file and field."""
-    return load_versioned(Profile, path, SCHEMA_VERSION)
+    return load_versioned(Profile, path, SCHEMA_VERSION, OLDER_VERSIONS)
 
 
 # What decides a layer's cost; the name does not (a preset and its config.json twin measure the same).
@@ -362,7 +371,8 @@ def fit_pieces(points: Sequence[tuple[float, float]], max_pieces: int = 4) -> li
     scatter of noisy points. Judging splits by their worst point instead let one noisy small size decide, and
     missed the knees. A split is kept only if time never drops where a piece starts (more bytes never cost less):
     pieces fitted to two noisy small sizes had slopes 10x the bandwidth's and priced the sizes between 50 % high.
-    A piece starts at its first measured size: the knees are thresholds of the form size >= 2^k. Measured here:
+    A piece starts at the power of two at or below its first measured size (at that size itself on a grid of
+    powers of two): the knees are thresholds of the form size >= 2^k. Measured here:
     gloo's all_gather doubles its time per byte from exactly 32 MiB (31.5 MiB: 0.82 ms/MiB, 32 MiB: 1.60), which
     is glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 32 MiB on 64-bit; MALLOC_MMAP_THRESHOLD_=1 GiB
     removes the knee), so every call page-faults a fresh buffer; a boundary at the geometric middle of 16 and
@@ -385,13 +395,15 @@ def fit_pieces(points: Sequence[tuple[float, float]], max_pieces: int = 4) -> li
 
 def _fit_split(pts: Sequence[tuple[float, float]], cuts: tuple[int, ...]
                ) -> tuple[list[AlphaBetaPiece], float] | None:
-    """The pieces of one split and their relative SSE; None if a piece starts below where the one before ends."""
+    """The pieces of one split and their relative SSE; None if a piece starts where the one before does or below
+    where it ends."""
     pieces: list[AlphaBetaPiece] = []
     sse = 0.0
     for lo, hi in zip((0, *cuts), (*cuts, len(pts))):
         alpha, beta = fit_alpha_beta(pts[lo:hi])
-        start = 0 if lo == 0 else int(pts[lo][0])
-        if pieces and alpha + beta * start < pieces[-1].alpha_s + pieces[-1].beta_s_per_byte * start:
+        start = 0 if lo == 0 else 1 << int(math.log2(pts[lo][0]))  # the power of two at or below its first size
+        if pieces and (start <= pieces[-1].from_bytes
+                       or alpha + beta * start < pieces[-1].alpha_s + pieces[-1].beta_s_per_byte * start):
             return None
         pieces.append(AlphaBetaPiece(from_bytes=start, alpha_s=alpha, beta_s_per_byte=beta))
         sse += sum(((alpha + beta * x - t) / t) ** 2 for x, t in pts[lo:hi])
@@ -409,20 +421,33 @@ def _cuts(n: int, count: int, first_min: int = 3, min_len: int = 2) -> list[tupl
     return out
 
 
+def is_power_of_two(nbytes: float) -> bool:
+    n = int(nbytes)
+    return n == nbytes and n > 0 and n & (n - 1) == 0
+
+
 def fit_collective(op: CollectiveOp, group_size: int, points: Sequence[tuple[int, float]],
-                   holdout: Sequence[tuple[int, float]] = (), stall_s: float = 0.0) -> CollectiveFit:
-    """Fit ``points`` (one alpha-beta line, and pieces where the data show a knee); report the
-    error there and on the ``holdout`` sizes kept out of the fit."""
-    for n, t in [*points, *holdout]:
+                   holdout: Sequence[tuple[int, float]] = (), stall_s: float = 0.0,
+                   aligned: Sequence[tuple[int, float]] = ()) -> CollectiveFit:
+    """Fit ``points`` (one alpha-beta line, and pieces where the data show a knee) and, apart, the ``aligned``
+    points at exact powers of two; report the error on both and on the ``holdout`` sizes kept out of the fit."""
+    for n, t in [*points, *holdout, *aligned]:
         if not (t > 0 and math.isfinite(t)):
             raise ValueError(f"{op} over {group_size} ranks: time {t!r} s at {n} bytes is not a positive number")
+    if any(not is_power_of_two(n) for n, _ in aligned):
+        raise ValueError(f"{op} over {group_size} ranks: aligned sizes must be powers of two")
     alpha, beta = fit_alpha_beta(points)
+    aligned_pieces = []
+    if len(aligned) >= 2:
+        aligned_pieces = fit_pieces(aligned) or [AlphaBetaPiece(from_bytes=0, **dict(zip(
+            ("alpha_s", "beta_s_per_byte"), fit_alpha_beta(aligned))))]
     fit = CollectiveFit(op=op, group_size=group_size, alpha_s=alpha, beta_s_per_byte=beta,
                         points=[(int(n), float(t)) for n, t in points], max_rel_error=0.0, holdout_rel_error=0.0,
                         holdout_points=[(int(n), float(t)) for n, t in holdout], pieces=fit_pieces(points),
+                        aligned_points=[(int(n), float(t)) for n, t in aligned], aligned_pieces=aligned_pieces,
                         stall_s=stall_s)
     held = _rel_errors(fit, holdout)
-    return fit.model_copy(update={"max_rel_error": max(_rel_errors(fit, points), default=0.0),
+    return fit.model_copy(update={"max_rel_error": max(_rel_errors(fit, [*points, *aligned]), default=0.0),
                                   "holdout_rel_error": max(held, default=0.0),
                                   "holdout_median_rel_error": statistics.median(held) if held else None})
 

@@ -222,14 +222,16 @@ def validate(cls: type[T], data: dict[str, Any], source: str) -> T:
         raise SpecError(validation_message(source, e)) from None
 
 
-def load_versioned(cls: type[T], path: str | Path, version: int) -> T:
-    """Read a versioned mpplan file (plan.json, profile.json) strictly: wrong version, bad JSON or any
-    invalid field is a SpecError with one line naming the file and field."""
+def load_versioned(cls: type[T], path: str | Path, version: int, older: tuple[int, ...] = ()) -> T:
+    """Read a versioned mpplan file (plan.json, profile.json) strictly: a version other than ``version`` or the
+    ``older`` ones this mpplan still reads, bad JSON or any invalid field is a SpecError with one line naming the
+    file and field."""
     path = Path(path)
     data = read_mapping(path)
     found = data.get("schema_version")
-    if found != version:
-        raise SpecError(f"{path}: schema_version {found!r} is not supported (this mpplan reads {version})")
+    if found not in (*older, version):
+        readable = ", ".join(str(v) for v in (*older, version))
+        raise SpecError(f"{path}: schema_version {found!r} is not supported (this mpplan reads {readable})")
     return validate(cls, data, str(path))
 
 

@@ -3,8 +3,10 @@
 ``measure_collectives(ranks=2)`` spawns ``ranks`` processes that meet over 127.0.0.1, times all_reduce (SUM),
 all_gather, reduce_scatter (SUM) and a send/recv ping-pong over geometric message sizes, for every group size
 2, 4, ... up to ``ranks`` (and ``ranks`` itself), and fits ``time = alpha + beta * nbytes`` (piecewise where the
-data show a knee) to the powers of two from 1 KiB to 64 MiB; extra sizes in the middle of the gaps of that grid
-are measured the same way but held out of the fit and report how well it predicts sizes it never saw.
+data show a knee) to a size in every octave from 1 KiB to 64 MiB (2^(k + 1/4): CommConfig.sizes says why not
+2^k), and, apart, to the powers of two themselves, which gloo moves more slowly than the sizes around them;
+extra sizes in the middle of the gaps of the grid are measured the same way but held out of the fits and report
+how well they predict sizes they never saw.
 
 Timing: ``rounds`` passes; a size is due calls(size) calls in all, spread over min(rounds, calls) of the passes
 (a 64 MiB message, 8 calls, is visited in 8 passes of the 24, a 1 KiB one in all 24), each pass visits its
@@ -59,26 +61,36 @@ class CommConfig:
 
     holdout_stride: int = 2
     """Every how many gaps of the fitted grid a held-out size is measured in (benchmarks/profile_stability.py
-    measures all of them; the profile, every other one, to keep under a minute).
+    measures all of them; the profile, every other one, to keep under a minute)."""
 
-    Tried and dropped: fitting 1.5 x 2^k between 64 KiB and 4 MiB too, where gloo's time steps rather than bends
-    (all_reduce 256 KiB 0.70-0.73 ms, 384 KiB 0.71-0.78, 512 KiB 1.03-1.06; on powers of two alone 384 KiB was
-    priced 6-29 % high in all 12 fits; MALLOC_MMAP_THRESHOLD_=1 GiB left the step where it was). With those
-    sizes fitted, sizes held out between them were still priced 5-30 % high from 150 KiB to 2 MiB (8 of 8 fits),
-    and the benchmark took 29 s of a 54 s profile on a slow afternoon: not worth its 7 s."""
-
-    def sizes(self) -> list[int]:
-        """The sizes fitted: powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17)."""
+    def aligned_sizes(self) -> list[int]:
+        """The powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17), fitted on their own."""
         lo, hi = int(math.log2(self.min_bytes)), int(math.log2(self.max_bytes))
         return [1 << e for e in range(lo, hi + 1)]
 
+    def sizes(self) -> list[int]:
+        """The sizes the main fit is made from, which prices every message but an exact 2^k: a quarter of an
+        octave above each power of two but the last (2^(k + 1/4) rounded to 256 bytes: 1.25 KiB .. 38 MiB), and
+        max_bytes itself, so that a knee at 32 MiB has the two points a piece needs (17 in all).
+
+        Why not the powers of two themselves: on gloo they are not typical sizes. Sweeps of all_reduce between
+        256 KiB and 2 MiB (2 ranks, 12 sizes an octave) found 2^k and 2^k - 256 B 15-50 % slower than the sizes
+        a few percent around them (512 KiB 1.42 ms against 1.1-1.3 ms from 542 to 724 KiB), while 0.98 x 2^k was
+        not. Fitted to the powers of two, the fit priced the sizes held out between them (sqrt(2) x 2^k) 10-38 %
+        high from 181 KiB to 1.4 MiB in every run; fitting 1.5 x 2^k as well did not help (5-30 % high between
+        them), nor did MALLOC_MMAP_THRESHOLD_. Fitted to 2^(k + 1/4), in two runs beside the power-of-two fit:
+        the worst held-out size per op 11-21 % (against 15-38 %), and the powers of two, priced by that fit,
+        came out 10-25 % low from 256 KiB to 4 MiB and 40 % low for all_gather at 32 MiB (glibc's mmap
+        threshold, planner/profile.py fit_pieces): hence their own fit."""
+        return [round(n * 2 ** 0.25 / 256) * 256 for n in self.aligned_sizes()[:-1]] + [self.max_bytes]
+
     def holdout_sizes(self) -> list[int]:
         """Measured, not fitted: the geometric middle of every ``holdout_stride``-th gap of the fitted grid
-        (sqrt(2) x 2^k rounded to 256 bytes), as far from what the fit saw as a size can be (1.5 KiB, 5.75 KiB
-        .. 23 MiB: 8 sizes at the default stride of 2; all 16 gaps at 1)."""
+        (2^(k + 3/4) rounded to 256 bytes), as far from what the fits saw as a size can be (1.75 KiB, 7 KiB ..
+        27 MiB: 8 sizes at the default stride of 2; all 16 gaps at 1)."""
         grid = self.sizes()
         gaps = list(zip(grid, grid[1:]))[::self.holdout_stride]
-        return sorted({round(math.sqrt(a * b) / 256) * 256 for a, b in gaps} - set(grid))
+        return sorted({round(math.sqrt(a * b) / 256) * 256 for a, b in gaps} - set(grid) - set(self.aligned_sizes()))
 
     def calls_per_size(self, nbytes: int) -> int:
         return max(self.min_calls, min(self.max_calls, self.sample_bytes // max(nbytes, 1)))
@@ -139,14 +151,14 @@ class CollectiveBench:
         if msg[0] == "progress" and self.on_done is not None:
             self.on_done(msg[1])
         if msg[0] == "points":
-            _, op, group, fitted, held, stall = msg
-            self.raw[(op, group)] = (fitted, held, stall)
+            _, op, group, fitted, held, aligned, stall = msg
+            self.raw[(op, group)] = (fitted, held, aligned, stall)
         self.done = self.done or msg[0] == "done"
         return self.done
 
     def fits(self) -> list[CollectiveFit]:
-        return [fit_collective(op, group, fitted, held, stall_s=stall)
-                for (op, group), (fitted, held, stall) in self.raw.items()]
+        return [fit_collective(op, group, fitted, held, stall_s=stall, aligned=aligned)
+                for (op, group), (fitted, held, aligned, stall) in self.raw.items()]
 
 
 STALL_MAX_BYTES = 1 << 20
@@ -191,10 +203,12 @@ def benchmark_rank(rank: int, world: int, port: int, device: str, config: CommCo
                 for op in ops:
                     stats = {n: bench.slowest_stats(times[(op, n)], pg) for n in bench.all_sizes()}
                     # by the size asked for: the bytes moved differ where a group does not divide it
-                    fitted, held = ([(moved[(op, n)], stats[n][0]) for n in sizes]
-                                    for sizes in (config.sizes(), config.holdout_sizes()))
+                    fitted, held, aligned = ([(moved[(op, n)], stats[n][0]) for n in sizes] for sizes in
+                                             (config.sizes(), config.holdout_sizes(), config.aligned_sizes()))
+                    # a group of 3 moves 2^k rounded to the group: no longer a power of two, so not "aligned"
+                    aligned = [(n, t) for n, t in aligned if n & (n - 1) == 0]
                     if rank == 0:
-                        results.put(("points", op, group, fitted, held, stall_of(stats)))
+                        results.put(("points", op, group, fitted, held, aligned, stall_of(stats)))
             dist.barrier()
         if rank == 0:
             results.put(("done",))
@@ -225,7 +239,7 @@ class _RankBench:
         return self.buffers[name][:numel]
 
     def all_sizes(self) -> list[int]:
-        return sorted({*self.config.sizes(), *self.config.holdout_sizes()})
+        return sorted({*self.config.sizes(), *self.config.holdout_sizes(), *self.config.aligned_sizes()})
 
     def run_round(self, ops: list[CollectiveOp], group: int, pg, times: dict, moved: dict, round_: int,
                   seed: int) -> None:

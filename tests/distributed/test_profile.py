@@ -150,11 +150,11 @@ def test_collectives_over_two_gloo_ranks():
     assert sorted((f.op, f.group_size) for f in fits) == [("all_gather", 2), ("all_reduce", 2),
                                                          ("reduce_scatter", 2), ("send_recv", 2)]
     assert len(labels) == CommConfig().rounds
-    for fit in fits:
-        sizes = sorted(n for n, _ in fit.points + fit.holdout_points)
-        assert sizes == sorted([1 << e for e in range(10, 17)] + [1536, 5888, 23296])
-        assert len(fit.points) == 7 and len(fit.holdout_points) == 3
-        assert all(t > 0 for _, t in fit.points) and fit.alpha_s + fit.beta_s_per_byte > 0
+    config = CommConfig(max_bytes=64 << 10)
+    for fit in fits:  # every size measured lands where it belongs, by the size asked for
+        assert [n for n, _ in fit.points] == config.sizes() and [n for n, _ in fit.holdout_points] == [1792, 6912, 27392]
+        assert [n for n, _ in fit.aligned_points] == [1 << e for e in range(10, 17)] and fit.aligned_pieces
+        assert all(t > 0 for _, t in fit.points + fit.aligned_points) and fit.alpha_s + fit.beta_s_per_byte > 0
 
 
 def test_profile_model_without_collectives_covers_every_case():

@@ -48,6 +48,17 @@ def test_round_trip_through_json(tmp_path):
     assert load_profile(path) == prof
 
 
+def test_a_version_1_profile_still_loads_and_prices_every_size_from_its_one_fit(tmp_path):
+    data = make_profile().model_dump(mode="json")
+    data["schema_version"] = 1
+    for fit in data["collectives"]:  # what version 1 did not have
+        del fit["aligned_points"], fit["aligned_pieces"]
+    prof = load_profile(write(tmp_path, data))
+    fit = prof.collective("all_reduce", 2)
+    assert prof.schema_version == 1 and fit.aligned_pieces == []
+    assert fit.time_s(1 << 20) == pytest.approx(2e-4 + (1 << 20) * 1e-9)
+
+
 def test_lookups_find_the_measured_entry_or_none():
     prof = make_profile()
     assert prof.layer("block", 1, 2).activation_bytes["full"] == 32_768
@@ -57,7 +68,7 @@ def test_lookups_find_the_measured_entry_or_none():
 
 
 @pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d.update(schema_version=2), "schema_version 2 is not supported"),
+    (lambda d: d.update(schema_version=3), "schema_version 3 is not supported (this mpplan reads 1, 2)"),
     (lambda d: d.pop("schema_version"), "schema_version None is not supported"),
     (lambda d: d.update(surprise=1), "surprise: unknown key"),
     (lambda d: d["layers"][0].update(kind="mlp"), "layers.0.kind"),
@@ -172,17 +183,57 @@ def test_collective_sizes_held_out_sit_in_the_middle_of_the_gaps_of_the_fitted_g
     from runtime.profile_comm import CommConfig
 
     config = CommConfig()
-    grid = config.sizes()
-    assert grid == [1 << e for e in range(10, 27)]  # 1 KiB .. 64 MiB
+    aligned = config.aligned_sizes()
+    assert aligned == [1 << e for e in range(10, 27)]  # 1 KiB .. 64 MiB
+    grid = config.sizes()  # a quarter octave above every power of two but the last, to 256 bytes; and the last
+    assert grid[-1] == 64 << 20 and all(abs(n - p * 2 ** 0.25) <= 128 and n % 256 == 0
+                                        for n, p in zip(grid[:-1], aligned[:-1]))
     held = config.holdout_sizes()
-    assert len(held) == 8 and not set(held) & set(grid)
+    assert len(held) == 8 and not set(held) & (set(grid) | set(aligned))
     for n in held:  # each in the geometric middle of a gap of the grid, to 256 bytes, in every other gap
-        below = max(g for g in grid if g < n)
-        assert abs(n - below * 2 ** 0.5) <= 128 and n % 256 == 0 and (below.bit_length() - 11) % 2 == 0
+        i = max(i for i, g in enumerate(grid) if g < n)
+        assert abs(n - (grid[i] * grid[i + 1]) ** 0.5) <= 128 and n % 256 == 0 and i % 2 == 0
     every_gap = CommConfig(holdout_stride=1).holdout_sizes()
     assert len(every_gap) == len(grid) - 1 and set(held) < set(every_gap)
     small = CommConfig(max_bytes=16 << 10)
-    assert small.sizes() == [1 << e for e in range(10, 15)] and small.holdout_sizes() == [1536, 5888]
+    assert small.aligned_sizes() == [1 << e for e in range(10, 15)] and small.sizes() == [1280, 2560, 4864, 9728, 16384]
+    assert small.holdout_sizes() == [1792, 6912]  # none between 9.5 and 16 KiB: the stride
+
+
+def test_a_power_of_two_is_priced_from_its_own_fit_and_every_other_size_from_the_main_one():
+    # gloo here: 2^k cost ~25 % more than the sizes around it between 256 KiB and 4 MiB
+    def trend(n: float) -> float:
+        return 2e-4 + n * 1e-9
+
+    def slow(n: int) -> float:
+        return trend(n) * (1.25 if 1 << 18 <= n <= 1 << 22 else 1.0)
+
+    grid = [round(n * 2 ** 0.25 / 256) * 256 for n in (1 << e for e in range(10, 26))]
+    aligned = [(1 << e, slow(1 << e)) for e in range(10, 27)]
+    held = [(n, trend(n)) for n in (1792, 440832, 1763584)]
+    fit = fit_collective("all_reduce", 2, [(n, trend(n)) for n in grid], held, aligned=aligned)
+    assert fit.holdout_rel_error < 1e-6 and fit.aligned_pieces
+    assert fit.time_s(1 << 20) == pytest.approx(slow(1 << 20), rel=0.1)  # its own fit: 25 % over the trend
+    assert fit.time_s((1 << 20) + 256) == pytest.approx(trend((1 << 20) + 256), rel=1e-6)
+    assert fit.time_s(float(1 << 20)) == fit.time_s(1 << 20)
+    plain = fit_collective("all_reduce", 2, [(n, trend(n)) for n in grid], held)  # no aligned points measured
+    assert plain.aligned_pieces == [] and plain.time_s(1 << 20) == pytest.approx(trend(1 << 20), rel=1e-6)
+    with pytest.raises(ValueError, match="powers of two"):
+        fit_collective("all_reduce", 2, aligned, aligned=[(3 << 10, 1e-4), (1 << 12, 1e-4)])
+
+
+def test_a_piece_fitted_between_powers_of_two_starts_at_the_one_below_its_first_size():
+    # the 32 MiB all_gather knee seen from the grid at 2^(k + 1/4) and 64 MiB: the last piece's first size is
+    # 38 MiB, but 33 MiB already pays the slow line
+    from runtime.profile_comm import CommConfig
+
+    mib = 1 << 20
+    grid = CommConfig().sizes()
+    points = [(n, 2e-4 + n / mib * (0.82e-3 if n < 32 * mib else 1.6e-3)) for n in grid]
+    pieces = fit_pieces(points)
+    assert pieces and pieces[-1].from_bytes == 32 * mib
+    fit = fit_collective("all_gather", 2, points, [(33 * mib, 2e-4 + 33 * 1.6e-3)])
+    assert fit.holdout_rel_error < 0.01
 
 
 def test_collective_calls_are_spread_over_the_passes():
