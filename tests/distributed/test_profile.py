@@ -152,7 +152,8 @@ def test_collectives_over_two_gloo_ranks():
     assert len(labels) == CommConfig().rounds
     config = CommConfig(max_bytes=64 << 10)
     for fit in fits:  # every size measured lands where it belongs, by the size asked for
-        assert [n for n, _ in fit.points] == config.sizes() and [n for n, _ in fit.holdout_points] == [1792, 6912, 27392]
+        assert [n for n, _ in fit.points] == config.sizes()
+        assert [n for n, _ in fit.holdout_points] == [1792, 6912, 27392]
         assert [n for n, _ in fit.aligned_points] == [1 << e for e in range(10, 17)] and fit.aligned_pieces
         assert all(t > 0 for _, t in fit.points + fit.aligned_points) and fit.alpha_s + fit.beta_s_per_byte > 0
 
