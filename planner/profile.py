@@ -95,8 +95,8 @@ class CollectiveFit(Strict):
     beta_s_per_byte stay the single-line fit over all sizes."""
     aligned_points: list[tuple[int, float]] = []
     """Raw (nbytes, seconds) at exact powers of two, fitted apart from ``points`` (runtime/profile_comm.py: on gloo
-    a power of two cost 10-25 % more than the sizes around it from 256 KiB to 4 MiB, and all_gather 40 % more at
-    32 MiB). Empty in profiles whose ``points`` are the powers of two themselves."""
+    a power of two cost 4-16 % more on average per op than the sizes around it from 256 KiB to 4 MiB, up to 24 %,
+    and all_gather 40 % more at 32 MiB). Empty in profiles whose ``points`` are the powers of two themselves."""
     aligned_pieces: list[AlphaBetaPiece] = []
     """The fit of ``aligned_points`` (one piece or more); time_s uses it for a message of exactly 2^k bytes."""
 

@@ -76,12 +76,12 @@ class CommConfig:
         Why not the powers of two themselves: on gloo they are not typical sizes. Sweeps of all_reduce between
         256 KiB and 2 MiB (2 ranks, 12 sizes an octave) found 2^k and 2^k - 256 B 15-50 % slower than the sizes
         a few percent around them (512 KiB 1.42 ms against 1.1-1.3 ms from 542 to 724 KiB), while 0.98 x 2^k was
-        not. Fitted to the powers of two, the fit priced the sizes held out between them (sqrt(2) x 2^k) 10-38 %
+        not. Fitted to the powers of two, the fit priced the sizes held out between them (sqrt(2) x 2^k) 7-38 %
         high from 181 KiB to 1.4 MiB in every run; fitting 1.5 x 2^k as well did not help (5-30 % high between
         them), nor did MALLOC_MMAP_THRESHOLD_. Fitted to 2^(k + 1/4), in two runs beside the power-of-two fit:
         the worst held-out size per op 11-21 % (against 15-38 %), and the powers of two, priced by that fit,
-        came out 10-25 % low from 256 KiB to 4 MiB and 40 % low for all_gather at 32 MiB (glibc's mmap
-        threshold, planner/profile.py fit_pieces): hence their own fit."""
+        came out 4-16 % low on average per op from 256 KiB to 4 MiB (up to 24 %) and 41-43 % low for all_gather
+        at 32 MiB (glibc's mmap threshold, planner/profile.py fit_pieces): hence their own fit."""
         return [round(n * 2 ** 0.25 / 256) * 256 for n in self.aligned_sizes()[:-1]] + [self.max_bytes]
 
     def holdout_sizes(self) -> list[int]:
