@@ -438,13 +438,16 @@ def fit_collective(op: CollectiveOp, group_size: int, points: Sequence[tuple[int
         raise ValueError(f"{op} over {group_size} ranks: aligned sizes must be powers of two")
     alpha, beta = fit_alpha_beta(points)
     aligned_pieces = []
-    if len(aligned) >= 2:
-        aligned_pieces = fit_pieces(aligned) or [AlphaBetaPiece(from_bytes=0, **dict(zip(
-            ("alpha_s", "beta_s_per_byte"), fit_alpha_beta(aligned))))]
-    fit = CollectiveFit(op=op, group_size=group_size, alpha_s=alpha, beta_s_per_byte=beta,
-                        points=[(int(n), float(t)) for n, t in points], max_rel_error=0.0, holdout_rel_error=0.0,
-                        holdout_points=[(int(n), float(t)) for n, t in holdout], pieces=fit_pieces(points),
-                        aligned_points=[(int(n), float(t)) for n, t in aligned], aligned_pieces=aligned_pieces,
+    if len(aligned) >= 2:  # one piece where no split pays: time_s needs the line there too
+        a, b = fit_alpha_beta(aligned)
+        aligned_pieces = fit_pieces(aligned) or [AlphaBetaPiece(from_bytes=0, alpha_s=a, beta_s_per_byte=b)]
+
+    def raw(pairs: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+        return [(int(n), float(t)) for n, t in pairs]
+
+    fit = CollectiveFit(op=op, group_size=group_size, alpha_s=alpha, beta_s_per_byte=beta, points=raw(points),
+                        max_rel_error=0.0, holdout_rel_error=0.0, holdout_points=raw(holdout),
+                        pieces=fit_pieces(points), aligned_points=raw(aligned), aligned_pieces=aligned_pieces,
                         stall_s=stall_s)
     held = _rel_errors(fit, holdout)
     return fit.model_copy(update={"max_rel_error": max(_rel_errors(fit, [*points, *aligned]), default=0.0),

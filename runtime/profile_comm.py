@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from planner.profile import CollectiveFit, CollectiveOp, fit_collective
+from planner.profile import CollectiveFit, CollectiveOp, fit_collective, is_power_of_two
 from runtime.spawned import report_failure, run_spawned
 
 OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -206,7 +206,7 @@ def benchmark_rank(rank: int, world: int, port: int, device: str, config: CommCo
                     fitted, held, aligned = ([(moved[(op, n)], stats[n][0]) for n in sizes] for sizes in
                                              (config.sizes(), config.holdout_sizes(), config.aligned_sizes()))
                     # a group of 3 moves 2^k rounded to the group: no longer a power of two, so not "aligned"
-                    aligned = [(n, t) for n, t in aligned if n & (n - 1) == 0]
+                    aligned = [(n, t) for n, t in aligned if is_power_of_two(n)]
                     if rank == 0:
                         results.put(("points", op, group, fitted, held, aligned, stall_of(stats)))
             dist.barrier()
