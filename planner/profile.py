@@ -95,10 +95,12 @@ class CollectiveFit(Strict):
     beta_s_per_byte stay the single-line fit over all sizes."""
     aligned_points: list[tuple[int, float]] = []
     """Raw (nbytes, seconds) at exact powers of two, fitted apart from ``points`` (runtime/profile_comm.py: on gloo
-    a power of two cost 4-16 % more on average per op than the sizes around it from 256 KiB to 4 MiB, up to 24 %,
-    and all_gather 40 % more at 32 MiB). Empty in profiles whose ``points`` are the powers of two themselves."""
+    a power of two cost 4-16 % more on average per op than the sizes around it from 256 KiB to 4 MiB, up to 24 %;
+    all_gather at 32 MiB 40 % more in two runs, as much as its neighbours in 8 later ones), from 64 KiB up (below,
+    within 6 % of the main fit). Empty in profiles whose ``points`` are the powers of two themselves."""
     aligned_pieces: list[AlphaBetaPiece] = []
-    """The fit of ``aligned_points`` (one piece or more); time_s uses it for a message of exactly 2^k bytes."""
+    """The fit of ``aligned_points`` (one piece or more); time_s uses it for a message of exactly 2^k bytes from
+    the smallest aligned point up (the main fit prices smaller ones)."""
 
     stall_s: float = Field(default=0.0, ge=0)
     """Mean minus median seconds per call, typical over sizes up to 1 MiB: what this machine's scheduling stalls
@@ -109,10 +111,15 @@ class CollectiveFit(Strict):
         """Mean seconds of one call: the fitted common case plus the stall a call pays on average."""
         return self.time_s(nbytes) + self.stall_s
 
+    def prices_as_aligned(self, nbytes: float) -> bool:
+        """A power of two no smaller than the smallest aligned point: below it (64 KiB) the main fit holds."""
+        smallest = min((n for n, _ in self.aligned_points), default=0)
+        return bool(self.aligned_pieces) and is_power_of_two(nbytes) and nbytes >= smallest
+
     def time_s(self, nbytes: float) -> float:
         """Predicted seconds for a message of ``nbytes`` (by the op's nbytes convention)."""
         alpha, beta = self.alpha_s, self.beta_s_per_byte
-        for piece in self.aligned_pieces if self.aligned_pieces and is_power_of_two(nbytes) else self.pieces:
+        for piece in self.aligned_pieces if self.prices_as_aligned(nbytes) else self.pieces:
             if nbytes >= piece.from_bytes:
                 alpha, beta = piece.alpha_s, piece.beta_s_per_byte
         return alpha + beta * nbytes

@@ -4,12 +4,13 @@
 all_gather, reduce_scatter (SUM) and a send/recv ping-pong over geometric message sizes, for every group size
 2, 4, ... up to ``ranks`` (and ``ranks`` itself), and fits ``time = alpha + beta * nbytes`` (piecewise where the
 data show a knee) to a size in every octave from 1 KiB to 64 MiB (2^(k + 1/4): CommConfig.sizes says why not
-2^k), and, apart, to the powers of two themselves, which gloo moves more slowly than the sizes around them;
+2^k), and, apart, to the powers of two themselves from 64 KiB, which gloo moves more slowly than the sizes
+around them;
 extra sizes in the middle of the gaps of the grid are measured the same way but held out of the fits and report
 how well they predict sizes they never saw.
 
 Timing: ``rounds`` passes; a size is due calls(size) calls in all, spread over min(rounds, calls) of the passes
-(a 64 MiB message, 8 calls, is visited in 8 passes of the 24, a 1 KiB one in all 24), each pass visits its
+(a 64 MiB message, 8 calls, is visited in 8 passes of the 24, a 1 KiB one, 72 calls, in all 24), each pass visits its
 (op, size)s in a shuffled order (the same on every rank), and every call is timed on its own after a barrier (and,
 the first time an (op, size) is visited, a warm-up call: measured here, the first call of a later visit was no
 slower than the second, 4-64 MiB, so a warm-up per visit only doubled the cost of the large sizes); a call's time
@@ -53,20 +54,32 @@ class CommConfig:
     sample_bytes: int = 64 << 20
     """Each size is timed over calls moving about this many bytes in all, within [min_calls, max_calls]."""
     min_calls: int = 8
-    max_calls: int = 96
-    """Caps the small sizes (below ~700 KiB), which move few bytes a call and are latency-bound. At 144 calls
-    their calls, ~1.3 ms each on average with the stalls, were 10 of the benchmark's 27 s; 96 saves ~3 s. The
-    repeatability at 96 was measured only through the fit (benchmarks/profile_stability.py), not per size."""
+    max_calls: int = 72
+    """Caps the small sizes (below ~900 KiB), which move few bytes a call and are latency-bound: 3 calls in each
+    of the 24 passes. What makes a size's time repeatable is how many passes it is spread over, not how many calls
+    a pass makes (the VM's slow spells last seconds): in 8 runs, timing only the first 3 of each pass's 4 calls
+    (96 in all) left the held-out error as it was (rms 7.7 % below 64 KiB, 8.0 % to 1 MiB, against 7.6 and
+    7.9 %), the first 2 raised it to 9.1 % between 64 KiB and 1 MiB, while every other pass alone raised the
+    worst held-out size per op from 17 to 25 % on average. 72 rather than 96 saves ~3 s of the profile."""
     timeout_s: float = 300.0
 
     holdout_stride: int = 2
     """Every how many gaps of the fitted grid a held-out size is measured in (benchmarks/profile_stability.py
     measures all of them; the profile, every other one, to keep under a minute)."""
 
+    aligned_min_bytes: int = 64 << 10
+    """The smallest power of two fitted on its own (aligned_sizes). Below it a power of two is priced by the main
+    fit: over 8 runs, 1 to 32 KiB came within 6 % of it on average for every op (latency-bound: where the bytes
+    sit does not matter), while from 64 KiB up send_recv cost 10-14 % more and from 256 KiB every op 5-18 % more.
+    Not measuring the 6 sizes below saves ~2.7 s of the profile."""
+
+    def powers_of_two(self, lo: int) -> list[int]:
+        return [1 << e for e in range(int(math.log2(lo)), int(math.log2(self.max_bytes)) + 1)]
+
     def aligned_sizes(self) -> list[int]:
-        """The powers of two from min_bytes to max_bytes (1 KiB .. 64 MiB: 17), fitted on their own."""
-        lo, hi = int(math.log2(self.min_bytes)), int(math.log2(self.max_bytes))
-        return [1 << e for e in range(lo, hi + 1)]
+        """The powers of two from aligned_min_bytes (or min_bytes, if larger) to max_bytes (64 KiB .. 64 MiB:
+        11), fitted on their own."""
+        return self.powers_of_two(max(self.min_bytes, self.aligned_min_bytes))
 
     def sizes(self) -> list[int]:
         """The sizes the main fit is made from, which prices every message but an exact 2^k: a quarter of an
@@ -81,8 +94,9 @@ class CommConfig:
         them), nor did MALLOC_MMAP_THRESHOLD_. Fitted to 2^(k + 1/4), in two runs beside the power-of-two fit:
         the worst held-out size per op 11-21 % (against 15-38 %), and the powers of two, priced by that fit,
         came out 4-16 % low on average per op from 256 KiB to 4 MiB (up to 24 %) and 41-43 % low for all_gather
-        at 32 MiB (glibc's mmap threshold, planner/profile.py fit_pieces): hence their own fit."""
-        return [round(n * 2 ** 0.25 / 256) * 256 for n in self.aligned_sizes()[:-1]] + [self.max_bytes]
+        at 32 MiB (glibc's mmap threshold, planner/profile.py fit_pieces): hence their own fit, from
+        aligned_min_bytes up."""
+        return [round(n * 2 ** 0.25 / 256) * 256 for n in self.powers_of_two(self.min_bytes)[:-1]] + [self.max_bytes]
 
     def holdout_sizes(self) -> list[int]:
         """Measured, not fitted: the geometric middle of every ``holdout_stride``-th gap of the fitted grid

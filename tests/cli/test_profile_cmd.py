@@ -58,9 +58,9 @@ def test_real_run_writes_a_valid_profile_and_prints_json(tmp_path):
         (k, t, m) for k in ("embedding", "block", "head") for t in (1, 2) for m in (1, 2)}
     assert {c.op for c in prof.collectives} == {"all_reduce", "all_gather", "reduce_scatter", "send_recv"}
     comm = CommConfig()
-    for fit in prof.collectives:  # 2^(k + 1/4) and the powers of two 1 KiB .. 64 MiB fitted apart, the middles of
-        assert [n for n, _ in fit.points] == comm.sizes()  # every other gap held out
-        assert [n for n, _ in fit.aligned_points] == [1 << e for e in range(10, 27)]
+    for fit in prof.collectives:  # 2^(k + 1/4) and the powers of two 64 KiB .. 64 MiB fitted apart, the middles
+        assert [n for n, _ in fit.points] == comm.sizes()  # of every other gap held out
+        assert [n for n, _ in fit.aligned_points] == [1 << e for e in range(16, 27)]
         assert [n for n, _ in fit.holdout_points] == comm.holdout_sizes() and len(comm.holdout_sizes()) == 8
         assert fit.holdout_median_rel_error is not None
     assert prof.optimizer_bytes_per_param == 8 and prof.precision == "fp32"

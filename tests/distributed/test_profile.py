@@ -146,15 +146,15 @@ def test_bad_requests_are_spec_errors():
 
 def test_collectives_over_two_gloo_ranks():
     labels = []
-    fits = measure_collectives(2, "cpu", CommConfig(max_bytes=64 << 10), on_done=labels.append)
+    config = CommConfig(max_bytes=64 << 10, aligned_min_bytes=4 << 10)
+    fits = measure_collectives(2, "cpu", config, on_done=labels.append)
     assert sorted((f.op, f.group_size) for f in fits) == [("all_gather", 2), ("all_reduce", 2),
                                                          ("reduce_scatter", 2), ("send_recv", 2)]
     assert len(labels) == CommConfig().rounds
-    config = CommConfig(max_bytes=64 << 10)
     for fit in fits:  # every size measured lands where it belongs, by the size asked for
         assert [n for n, _ in fit.points] == config.sizes()
         assert [n for n, _ in fit.holdout_points] == [1792, 6912, 27392]
-        assert [n for n, _ in fit.aligned_points] == [1 << e for e in range(10, 17)] and fit.aligned_pieces
+        assert [n for n, _ in fit.aligned_points] == [1 << e for e in range(12, 17)] and fit.aligned_pieces
         assert all(t > 0 for _, t in fit.points + fit.aligned_points) and fit.alpha_s + fit.beta_s_per_byte > 0
 
 

@@ -184,10 +184,10 @@ def test_collective_sizes_held_out_sit_in_the_middle_of_the_gaps_of_the_fitted_g
 
     config = CommConfig()
     aligned = config.aligned_sizes()
-    assert aligned == [1 << e for e in range(10, 27)]  # 1 KiB .. 64 MiB
-    grid = config.sizes()  # a quarter octave above every power of two but the last, to 256 bytes; and the last
-    assert grid[-1] == 64 << 20 and all(abs(n - p * 2 ** 0.25) <= 128 and n % 256 == 0
-                                        for n, p in zip(grid[:-1], aligned[:-1]))
+    assert aligned == [1 << e for e in range(16, 27)]  # 64 KiB .. 64 MiB: below, the main fit prices 2^k
+    grid = config.sizes()  # a quarter octave above every power of two from 1 KiB but the last, to 256 bytes; the last
+    assert len(grid) == 17 and grid[-1] == 64 << 20 and all(abs(n - (1 << e) * 2 ** 0.25) <= 128 and n % 256 == 0
+                                                            for n, e in zip(grid[:-1], range(10, 26)))
     held = config.holdout_sizes()
     assert len(held) == 8 and not set(held) & (set(grid) | set(aligned))
     for n in held:  # each in the geometric middle of a gap of the grid, to 256 bytes, in every other gap
@@ -195,8 +195,9 @@ def test_collective_sizes_held_out_sit_in_the_middle_of_the_gaps_of_the_fitted_g
         assert abs(n - (grid[i] * grid[i + 1]) ** 0.5) <= 128 and n % 256 == 0 and i % 2 == 0
     every_gap = CommConfig(holdout_stride=1).holdout_sizes()
     assert len(every_gap) == len(grid) - 1 and set(held) < set(every_gap)
-    small = CommConfig(max_bytes=16 << 10)
-    assert small.aligned_sizes() == [1 << e for e in range(10, 15)] and small.sizes() == [1280, 2560, 4864, 9728, 16384]
+    small = CommConfig(max_bytes=16 << 10, aligned_min_bytes=1 << 12)
+    assert small.aligned_sizes() == [1 << e for e in range(12, 15)] and small.sizes() == [1280, 2560, 4864, 9728, 16384]
+    assert CommConfig(max_bytes=16 << 10).aligned_sizes() == []  # none as large as aligned_min_bytes
     assert small.holdout_sizes() == [1792, 6912]  # none between 9.5 and 16 KiB: the stride
 
 
@@ -216,6 +217,10 @@ def test_a_power_of_two_is_priced_from_its_own_fit_and_every_other_size_from_the
     assert fit.time_s(1 << 20) == pytest.approx(slow(1 << 20), rel=0.1)  # its own fit: 25 % over the trend
     assert fit.time_s((1 << 20) + 256) == pytest.approx(trend((1 << 20) + 256), rel=1e-6)
     assert fit.time_s(float(1 << 20)) == fit.time_s(1 << 20)
+    # a power of two below the smallest aligned point is priced by the main fit, not the aligned one extrapolated
+    upper = fit_collective("all_reduce", 2, [(n, trend(n)) for n in grid], aligned=aligned[8:])  # 256 KiB up
+    assert upper.time_s(1 << 17) == pytest.approx(trend(1 << 17), rel=1e-6)
+    assert upper.time_s(1 << 18) == pytest.approx(slow(1 << 18), rel=0.1)
     plain = fit_collective("all_reduce", 2, [(n, trend(n)) for n in grid], held)  # no aligned points measured
     assert plain.aligned_pieces == [] and plain.time_s(1 << 20) == pytest.approx(trend(1 << 20), rel=1e-6)
     with pytest.raises(ValueError, match="powers of two"):
