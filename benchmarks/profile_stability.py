@@ -15,24 +15,28 @@ formula, the collective fits' held-out error, and the wall time of the default c
 3. Reports each collective's held-out relative error (worst and median over the held-out sizes) and its mean
    stall per call from both runs, and from ``--comm-repeats`` more runs of the collective benchmark alone (as
    `mpplan profile` runs it, but holding out a size in every gap of the grid: ~30 s each), so the worst case is
-   seen over more than two draws of this VM's noise and at every gap.
+   seen over more than two draws of this VM's noise and at every gap; and each fit against the mean of the
+   other runs at the sizes it held out (against_other_runs: how far the fit is from a size's typical time,
+   apart from the noise of one run's draw of it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from planner.presets import MODELS  # noqa: E402
-from planner.profile import Profile, load_profile  # noqa: E402
+from planner.profile import CollectiveFit, Profile, load_profile  # noqa: E402
 from planner.specs import ModelSpec, Recompute  # noqa: E402
 
 
@@ -131,13 +135,39 @@ def collective_table(*profiles: Profile) -> list[dict]:
     return [row for run, prof in enumerate(profiles) for row in fit_rows(run, prof.collectives)]
 
 
-def collective_repeats(count: int) -> list[dict]:
+def collective_repeats(count: int) -> list[list[CollectiveFit]]:
     """``count`` more runs of the collective benchmark on 2 ranks, as `mpplan profile` runs it but with a size
     held out in every gap of the fitted grid, not every other one (16 sizes, not 8)."""
     from runtime.profile_comm import CommConfig, measure_collectives
 
     every_gap = CommConfig(holdout_stride=1)
-    return [row for run in range(count) for row in fit_rows(run, measure_collectives(2, config=every_gap))]
+    return [measure_collectives(2, config=every_gap) for _ in range(count)]
+
+
+def against_other_runs(runs: list[list[CollectiveFit]]) -> list[dict]:
+    """Each run's fit at each size it held out, against that size's mean time over the other runs that measured
+    it. One run's time of a size is itself a noisy draw: timed in two halves (alternate passes), a size's two
+    halves put its own noise at 6-8 % (one standard deviation) at every size band and op on this VM, so the
+    worst of 8-16 sizes in one run misses by ~2.5 of them. The mean of the other runs is the size's typical
+    time; how far each fit is from it is the fit's own error."""
+    measured: dict[tuple[str, int, int], dict[int, float]] = defaultdict(dict)
+    for run, fits in enumerate(runs):
+        for fit in fits:
+            for n, t in fit.holdout_points:
+                measured[(fit.op, fit.group_size, n)][run] = t
+    rows = []
+    for run, fits in enumerate(runs):
+        for fit in fits:
+            errors = []
+            for n, _ in fit.holdout_points:
+                others = [t for r, t in measured[(fit.op, fit.group_size, n)].items() if r != run]
+                if others:
+                    typical = statistics.fmean(others)
+                    errors.append(abs(fit.time_s(n) - typical) / typical)
+            if errors:
+                rows.append({"run": run, "op": fit.op, "group_size": fit.group_size, "sizes": len(errors),
+                             "worst_rel_error": max(errors), "median_rel_error": statistics.median(errors)})
+    return rows
 
 
 def main() -> None:
@@ -151,6 +181,7 @@ def main() -> None:
         runs = [run_cli(Path(tmp) / f"{i}.json") for i in range(args.profiles)]
     profiles = [prof for prof, _ in runs]
     first = profiles[0]
+    repeats = collective_repeats(args.comm_repeats)
     report = {
         "machine": {"cpu": first.device.name, "cores": os.cpu_count(), "torch": first.device.torch_version,
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
@@ -160,7 +191,9 @@ def main() -> None:
                           for i in range(len(profiles)) for j in range(i + 1, len(profiles))],
         "activations": activation_table(),
         "collectives": collective_table(*profiles),
-        "collective_repeats": collective_repeats(args.comm_repeats),
+        "collective_repeats": [row for run, fits in enumerate(repeats) for row in fit_rows(run, fits)],
+        # runs 0.. are the profiles' fits, then the repeats'
+        "collectives_against_other_runs": against_other_runs([p.collectives for p in profiles] + repeats),
     }
     text = json.dumps(report, indent=2)
     print(text)
