@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from planner.presets import MODELS  # noqa: E402
-from planner.profile import CollectiveFit, Profile, load_profile  # noqa: E402
+from planner.collectives import CollectiveFit  # noqa: E402
+from planner.profile import Profile, load_profile  # noqa: E402
 from planner.specs import ModelSpec, Recompute  # noqa: E402
 
 
@@ -148,8 +149,9 @@ def against_other_runs(runs: list[list[CollectiveFit]]) -> list[dict]:
     """Each run's fit at each size it held out, against that size's mean time over the other runs that measured
     it. One run's time of a size is itself a noisy draw: timed in two halves (alternate passes), a size's two
     halves put its own noise at 6-8 % (one standard deviation) at every size band and op on this VM, so the
-    worst of 8-16 sizes in one run misses by ~2.5 of them. The mean of the other runs is the size's typical
-    time; how far each fit is from it is the fit's own error."""
+    worst of 8-16 sizes in one run misses by ~2.5 of them. Where the machine holds its speed from run to run,
+    the mean of the other runs is the size's typical time and this is the fit's own error; where it does not
+    (alpha 0.42-0.66 ms in one evening's 9 runs), this is what a profile's prices miss by minutes later."""
     measured: dict[tuple[str, int, int], dict[int, float]] = defaultdict(dict)
     for run, fits in enumerate(runs):
         for fit in fits:

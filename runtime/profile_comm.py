@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from planner.profile import CollectiveFit, CollectiveOp, fit_collective, is_power_of_two
+from planner.collectives import CollectiveFit, CollectiveOp, fit_collective, is_power_of_two
 from runtime.spawned import report_failure, run_spawned
 
 OPS: tuple[CollectiveOp, ...] = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -94,7 +94,7 @@ class CommConfig:
         them), nor did MALLOC_MMAP_THRESHOLD_. Fitted to 2^(k + 1/4), in two runs beside the power-of-two fit:
         the worst held-out size per op 11-21 % (against 15-38 %), and the powers of two, priced by that fit,
         came out 4-16 % low on average per op from 256 KiB to 4 MiB (up to 24 %) and 41-43 % low for all_gather
-        at 32 MiB (glibc's mmap threshold, planner/profile.py fit_pieces): hence their own fit, from
+        at 32 MiB (glibc's mmap threshold, planner/collectives.py fit_pieces): hence their own fit, from
         aligned_min_bytes up."""
         return [round(n * 2 ** 0.25 / 256) * 256 for n in self.powers_of_two(self.min_bytes)[:-1]] + [self.max_bytes]
 
@@ -284,7 +284,7 @@ class _RankBench:
         return statistics.fmean(sorted(calls)[:max(1, len(calls) // 2)]), statistics.fmean(calls)
 
     def _call(self, op: CollectiveOp, group: int, pg, nbytes: int) -> tuple[Callable[[], None], int]:
-        """The call for one sample and the bytes it moves (by the convention in planner/profile.py)."""
+        """The call for one sample and the bytes it moves (by the convention in planner/collectives.py)."""
         torch, dist = self.torch, self.dist
         elem = torch.finfo(self.dtype).bits // 8
         numel = max(group, nbytes // elem // group * group)  # divisible by the group for gather/scatter

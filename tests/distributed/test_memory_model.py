@@ -11,7 +11,8 @@ import torch
 
 from planner.plan import Schedule
 from planner.presets import MODELS
-from planner.profile import DeviceInfo, LayerProfile, Profile, fit_collective
+from planner.collectives import fit_collective
+from planner.profile import DeviceInfo, LayerProfile, Profile
 from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from planner.memory import loss_backward_bytes
 from planner.presets import MODELS
-from planner.profile import DeviceInfo, LayerProfile, Profile, RuntimeCalibration, RuntimeRun, fit_collective
+from planner.collectives import fit_collective
+from planner.profile import DeviceInfo, LayerProfile, Profile, RuntimeCalibration, RuntimeRun
 from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute
