@@ -231,11 +231,12 @@ class Estimator:
         if c.zero == 3:  # weights re-gathered for forward and again for backward of every later micro-batch
             per_mb = 2 * split("all_gather", weight_bytes, units) * (c.num_microbatches > 1)
         # a profile may have timed ZeRO 2/3's wrapper per block per micro-batch (its gathers and FSDP2's hooks):
-        # then only the reduce-scatter stays a once-a-step collective
+        # then only the reduce-scatter stays a once-a-step collective, and every FSDP unit pays the wrapper each
+        # micro-batch: the blocks and the stage's root unit (runtime/parallel/data.py _fully_shard)
         measured = self.costs.fsdp_block_extra_s(c.zero, c.dp, c.micro_batch_size) if c.zero >= 2 else None
         if measured is not None and c.tp == 1:
             dp_step = split("reduce_scatter", grad_bytes, units)
-            per_mb = measured * -(-self.model.num_layers // c.pp)
+            per_mb = measured * units
         return Comm(tp_block_fwd_s=tp_block, tp_block_bwd_s=tp_block, tp_edge_fwd_s=one if c.tp > 1 else 0.0,
                     p2p_s=p2p, dp_step_s=dp_step, dp_per_microbatch_s=per_mb)
 

@@ -81,7 +81,8 @@ class ShardedBench:
         return self.done
 
     def timings(self) -> tuple[list[TPBlockTiming], list[FSDPBlockTiming]]:
-        """Per wrap, per micro-batch size, the slowest rank's medians (empty lists for what was not timed)."""
+        """Per wrap, per micro-batch size, the slowest rank's medians (TP) or means (FSDP2) (empty lists for what
+        was not timed)."""
         per_wrap = dict(zip(self.wraps, self.measured))
         tp_blocks = [TPBlockTiming(tp=self.world, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=fcv, bwd_cv=bcv)
                      for mbs, (f, b, fcv, bcv) in zip(self.sizes, per_wrap.get("tp", []))]
@@ -124,7 +125,9 @@ def block_rank(rank: int, world: int, port: int, spec: ModelSpec, wraps: list[st
                 x = torch.randn(mbs, spec.seq_len, spec.hidden_size, generator=gen).requires_grad_(True)
                 grad = torch.randn(mbs, spec.seq_len, spec.hidden_size, generator=gen)
                 fwds, bwds = _time(block, x, grad, timing, dist)
-                per_size.append((statistics.median(fwds), statistics.median(bwds), coefficient_of_variation(fwds),
+                # FSDP2's per-call stalls are part of what a step pays (planner/profile.py FSDPBlockTiming)
+                centre = statistics.median if wrap == "tp" else statistics.fmean
+                per_size.append((centre(fwds), centre(bwds), coefficient_of_variation(fwds),
                                  coefficient_of_variation(bwds)))
             out.append(per_size)
         report_and_leave(dist, results, rank, ("blocks", out))

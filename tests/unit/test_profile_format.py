@@ -174,6 +174,13 @@ def test_zero_2_and_3_take_the_measured_fsdp2_cost_per_block_and_micro_batch(tmp
     costs = ProfiledCosts(make_profile(fsdp_blocks=[real]), gpu)
     assert costs.fsdp_block_extra_s(2, 2, 2) == pytest.approx(7e-3 - 3e-3)  # less the plain block (1 + 2 ms)
     assert costs.fsdp_block_extra_s(3, 2, 2) is None and costs.fsdp_block_extra_s(2, 4, 2) is None
+    # the wrapper moves parameters, not activations: one price for every micro-batch size, the mean of the sizes'
+    plain4 = make_profile().layers[0].model_copy(update={"micro_batch_size": 4, "fwd_s": 2e-3, "bwd_s": 4e-3})
+    real4 = real.model_copy(update={"micro_batch_size": 4, "fwd_s": 5e-3, "bwd_s": 7e-3})
+    both = make_profile(fsdp_blocks=[real, real4])
+    both = both.model_copy(update={"layers": [*both.layers, plain4]})
+    pooled = ProfiledCosts(both, gpu)
+    assert pooled.fsdp_block_extra_s(2, 2, 2) == pooled.fsdp_block_extra_s(2, 2, 4) == pytest.approx((4e-3 + 6e-3) / 2)
 
 
 def test_calibration_runs_are_scaled_to_the_speed_the_layers_were_profiled_at():
