@@ -50,6 +50,13 @@ def memory_limit_for(result: dict, fraction: float) -> int:
     return int(peaks[0] + fraction * (peaks[-1] - peaks[0]))
 
 
+def profile_summary(path: Path) -> dict:
+    """What the predictions were priced from beyond the layers, kept to tell later which part missed: the
+    runtime calibration, the pace, the FSDP2 and TP block timings and the machine."""
+    profile = json.loads(path.read_text())
+    return {key: profile.get(key) for key in ("device", "pace", "runtime", "tp_blocks", "fsdp_blocks", "pipeline")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "validate_local.json")
@@ -69,12 +76,13 @@ def main() -> None:
             name = Path(model).stem
             profile = Path(tmp) / f"{name}.profile.json"
             result = validate(["--model", model, "--save-profile", str(profile), *common], Path(tmp) / f"{name}.json")
-            out["validations"].append({"name": name, **result})
+            out["validations"].append({"name": name, **result, "profile": profile_summary(profile)})
             if name == "tiny-gpt":
                 limit = memory_limit_for(result, 0.5)
                 limited = validate(["--profile", str(profile), "--memory-limit", str(limit), *common],
                                    Path(tmp) / f"{name}-limit.json")
-                out["validations"].append({"name": f"{name} --memory-limit {limit}", **limited})
+                out["validations"].append({"name": f"{name} --memory-limit {limit}", **limited,
+                                           "profile": profile_summary(profile)})
     out["loadavg_after"] = loadavg()
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     for v in out["validations"]:

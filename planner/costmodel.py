@@ -118,7 +118,10 @@ class AnalyticCosts:
     step_overhead_s = 0.0
     optimizer_s_per_param = 0.0
     runtime_fixed_bytes = 0
-    layer_overhead_fraction = 0.0
+
+    def layer_overhead_fraction(self, mbs: int) -> float:
+        """What a whole-model micro-batch adds to its layers, as a share of them (measured by a profile)."""
+        return 0.0
 
     def available(self, tp: int, sp: bool, mbs: int) -> str | None:
         return None

@@ -302,7 +302,7 @@ class Estimator:
                 f, b = f + head.fwd_s + comm.tp_edge_fwd_s, b + head.bwd_s + comm.tp_edge_fwd_s
             # what a whole-model step adds to its layers timed alone, as a share of them (calibrated on tp-1
             # layers; a profile's TP blocks were timed inside the DTensor runtime already; 0 without)
-            share = self.costs.layer_overhead_fraction if c.tp == 1 else 0.0
+            share = self.costs.layer_overhead_fraction(mbs) if c.tp == 1 else 0.0
             f_extra, b_extra = f * share, b * share
             if self.device == "cpu":  # gloo moves the tensor on the receiving rank's own core: it cannot compute
                 f_extra += comm.p2p_s if j > 0 else 0.0            # ... while it waits for the activation
