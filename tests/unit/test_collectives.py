@@ -55,15 +55,20 @@ def test_pieces_do_not_chase_the_scatter_of_noisy_points():
     assert fit_pieces([(n, (2e-4 + n * 1e-9) * f) for n, f in zip(sizes, scatter)]) == []
 
 
+MIB = 1 << 20
+
+
+def all_gather_with_knee(sizes) -> list[tuple[int, float]]:
+    """gloo's all_gather here: 0.82 ms/MiB up to 31.5 MiB, 1.6 ms/MiB from 32 MiB (glibc's mmap threshold)."""
+    return [(n, 2e-4 + n / MIB * (0.82e-3 if n < 32 * MIB else 1.6e-3)) for n in sizes]
+
+
 def test_a_piece_starts_at_its_first_measured_size_as_a_threshold_does():
-    # gloo's all_gather here: 0.82 ms/MiB up to 31.5 MiB, 1.6 ms/MiB from 32 MiB (glibc's mmap threshold);
     # 24 MiB, between the grid's 16 and 32, is on the fast line
-    mib = 1 << 20
-    sizes = [1 << e for e in range(10, 27)]
-    points = [(n, 2e-4 + n / mib * (0.82e-3 if n < 32 * mib else 1.6e-3)) for n in sizes]
+    points = all_gather_with_knee([1 << e for e in range(10, 27)])
     pieces = fit_pieces(points)
-    assert pieces and pieces[-1].from_bytes == 32 * mib
-    fit = fit_collective("all_gather", 2, points, [(24 * mib, 2e-4 + 24 * 0.82e-3)])
+    assert pieces and pieces[-1].from_bytes == 32 * MIB
+    fit = fit_collective("all_gather", 2, points, [(24 * MIB, 2e-4 + 24 * 0.82e-3)])
     assert fit.holdout_rel_error < 0.01
 
 
@@ -132,12 +137,10 @@ def test_a_piece_fitted_between_powers_of_two_starts_at_the_one_below_its_first_
     # 38 MiB, but 33 MiB already pays the slow line
     from runtime.profile_comm import CommConfig
 
-    mib = 1 << 20
-    grid = CommConfig().sizes()
-    points = [(n, 2e-4 + n / mib * (0.82e-3 if n < 32 * mib else 1.6e-3)) for n in grid]
+    points = all_gather_with_knee(CommConfig().sizes())
     pieces = fit_pieces(points)
-    assert pieces and pieces[-1].from_bytes == 32 * mib
-    fit = fit_collective("all_gather", 2, points, [(33 * mib, 2e-4 + 33 * 1.6e-3)])
+    assert pieces and pieces[-1].from_bytes == 32 * MIB
+    fit = fit_collective("all_gather", 2, points, [(33 * MIB, 2e-4 + 33 * 1.6e-3)])
     assert fit.holdout_rel_error < 0.01
 
 
