@@ -110,10 +110,6 @@ def fit_alpha_beta(points: Sequence[tuple[float, float]]) -> tuple[float, float]
     return min(((0.0, max(only_beta, 0.0)), (max(only_alpha, 0.0), 0.0)), key=lambda ab: rel_sq(*ab))
 
 
-def max_rel_error(alpha: float, beta: float, points: Sequence[tuple[float, float]]) -> float:
-    return max((abs(alpha + beta * n - t) / t for n, t in points), default=0.0)
-
-
 PIECE_NOISE = 0.05
 """Relative scatter of a measured point (the faster half of its calls) on this VM, from repeated profiles: a split
 that fits the points closer than this is fitting noise, so fit_pieces scores no split below it. Per-point scatter
