@@ -142,25 +142,61 @@ def test_planner_profile_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_a_block_timed_under_dtensor_replaces_shard_plus_fitted_collectives():
+def tp_shard(mbs: int = 2, scale: float = 1.0) -> LayerProfile:
+    return LayerProfile(kind="block", tp=2, micro_batch_size=mbs, fwd_s=1e-3 * scale, bwd_s=2e-3 * scale, fwd_cv=0,
+                        bwd_cv=0, recompute_extra_s={"selective": 1e-4, "full": 9e-4}, params=TINY.block_params // 2,
+                        activation_bytes={"none": 300_000, "selective": 290_000, "full": 32_768})
+
+
+def test_a_block_timed_under_dtensor_adds_its_dispatch_to_shard_plus_fitted_collectives():
     from planner.presets import CLUSTERS
     from planner.profile import TPBlockTiming
     from planner.profiled import ProfiledCosts
     from planner.specs import Recompute
 
-    shard = LayerProfile(kind="block", tp=2, micro_batch_size=2, fwd_s=1e-3, bwd_s=2e-3, fwd_cv=0, bwd_cv=0,
-                         recompute_extra_s={"selective": 1e-4, "full": 9e-4}, params=TINY.block_params // 2,
-                         activation_bytes={"none": 300_000, "selective": 290_000, "full": 32_768})
-    gpu = CLUSTERS["local"].gpu
+    shard, gpu = tp_shard(), CLUSTERS["local"].gpu
     without = ProfiledCosts(make_profile(layers=[shard]), gpu).block(2, False, 2)
     assert (without.fwd_s, without.bwd_s, without.tp_collectives) == (1e-3, 2e-3, 2)  # collectives priced apart
     real = TPBlockTiming(tp=2, micro_batch_size=2, fwd_s=6e-3, bwd_s=9e-3, fwd_cv=0.1, bwd_cv=0.1)
-    with_real = ProfiledCosts(make_profile(layers=[shard], tp_blocks=[real]), gpu).block(2, False, 2)
-    assert (with_real.fwd_s, with_real.bwd_s, with_real.tp_collectives) == (6e-3, 9e-3, 0)  # collectives inside
-    # full recompute redoes the real forward: the shard's extra plus what DTensor adds to the forward
-    assert with_real.recompute_extra_s[Recompute.FULL] == pytest.approx(9e-4 + 5e-3)
+    prof = make_profile(layers=[shard], tp_blocks=[real])
+    reduce_s = prof.collective("all_reduce", 2).expected_s(4 * 2 * TINY.seq_len * TINY.hidden_size)
+    with_real = ProfiledCosts(prof, gpu).block(2, False, 2)
+    # the block plus the estimator's two all-reduces each way is what was measured; the rest is DTensor's dispatch
+    assert with_real.tp_collectives == 2
+    assert with_real.fwd_s + 2 * reduce_s == pytest.approx(6e-3)
+    assert with_real.bwd_s + 2 * reduce_s == pytest.approx(9e-3)
+    # full recompute redoes the forward: the shard's extra plus DTensor's dispatch (the estimator adds the reduces)
+    assert with_real.recompute_extra_s[Recompute.FULL] == pytest.approx(9e-4 + 6e-3 - 1e-3 - 2 * reduce_s)
     assert with_real.recompute_extra_s[Recompute.SELECTIVE] == pytest.approx(1e-4)
     assert with_real.act_bytes == without.act_bytes
+    # without an all-reduce fit the measured block holds its collectives
+    alone = ProfiledCosts(make_profile(layers=[shard], tp_blocks=[real], collectives=[]), gpu).block(2, False, 2)
+    assert (alone.fwd_s, alone.bwd_s, alone.tp_collectives) == (pytest.approx(6e-3), pytest.approx(9e-3), 0)
+
+
+def test_dtensor_dispatch_is_one_price_for_every_micro_batch_size_the_mean_of_the_sizes():
+    from planner.presets import CLUSTERS
+    from planner.profile import TPBlockTiming
+    from planner.profiled import ProfiledCosts
+
+    gpu = CLUSTERS["local"].gpu
+    shards = [tp_shard(2), tp_shard(4, scale=2.0)]
+    reals = [TPBlockTiming(tp=2, micro_batch_size=2, fwd_s=6e-3, bwd_s=9e-3, fwd_cv=0.1, bwd_cv=0.1),
+             TPBlockTiming(tp=2, micro_batch_size=4, fwd_s=12e-3, bwd_s=13e-3, fwd_cv=0.1, bwd_cv=0.1)]
+    prof = make_profile(layers=shards, tp_blocks=reals)
+    fit = prof.collective("all_reduce", 2)
+    costs = ProfiledCosts(prof, gpu)
+    dispatch = [(r.fwd_s - s.fwd_s - 2 * fit.expected_s(4 * r.micro_batch_size * TINY.seq_len * TINY.hidden_size),
+                 r.bwd_s - s.bwd_s - 2 * fit.expected_s(4 * r.micro_batch_size * TINY.seq_len * TINY.hidden_size))
+                for s, r in zip(shards, reals)]
+    fwd_extra, bwd_extra = costs.tp_wrapper_extra_s(2)
+    assert fwd_extra == pytest.approx((dispatch[0][0] + dispatch[1][0]) / 2)
+    assert bwd_extra == pytest.approx((dispatch[0][1] + dispatch[1][1]) / 2)
+    for shard in shards:
+        block = costs.block(2, False, shard.micro_batch_size)
+        assert (block.fwd_s, block.bwd_s) == (pytest.approx(shard.fwd_s + fwd_extra),
+                                              pytest.approx(shard.bwd_s + bwd_extra))
+    assert costs.tp_wrapper_extra_s(4) is None
 
 
 def test_zero_2_and_3_take_the_measured_fsdp2_cost_per_block_and_micro_batch(tmp_path):
