@@ -89,7 +89,8 @@ def main() -> None:
         s = v["summary"]
         print(f"{v['name']}: {s['ran']}/{s['plans']} plans, Spearman {s['spearman']}, regret {s['regret']}, "
               f"step MAE {s['step_time_mape']}, memory MAE {s['memory_mape']}, violations {len(s['violations'])}, "
-              f"noise floor {s['run_spread']}, machine slowdown vs profile {s['machine_slowdown']}, "
+              f"noise floor {s['run_spread']} (an exact model's error: {s['step_time_noise_floor']}), "
+              f"machine slowdown vs profile {s['machine_slowdown']}, "
               f"step MAE at the profiled speed {s['step_time_mape_same_speed']}")
     print(f"wrote {args.out}")
 

@@ -100,7 +100,9 @@ def render(console: Console, outcomes: list[PlanOutcome], summary: Summary) -> N
                   f"peak-memory error {fmt(summary.memory_mape, '{:.1%}')} (<= 15%: {marks[checks['memory_mape']]})")
     if summary.run_spread is not None:
         console.print(f"noise floor: the same plan's step time moved {summary.run_spread:.1%} between runs "
-                      "(median over plans)")
+                      "(median over plans)" + ("" if summary.step_time_noise_floor is None else
+                                              f"; an exact model would show {summary.step_time_noise_floor:.1%} "
+                                              "step-time error against these runs"))
     if summary.machine_slowdown is not None and summary.step_time_mape_same_speed is not None:
         console.print(f"machine speed: a profiled block ran {summary.machine_slowdown:.2f}x its profiled time "
                       f"(median over plans); step-time error at the profiled speed "

@@ -15,6 +15,7 @@ module computes the figures issue 5 asks for:
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterable, Sequence
@@ -148,6 +149,17 @@ class PlanOutcome:
         return max(times) / min(times) - 1 if len(times) > 1 and min(times) > 0 else None
 
     @property
+    def expected_error_of_exact_model(self) -> float | None:
+        """The |error| a model that knew this plan's long-run mean step time would still show against
+        measured_step_time_s, from the spread of the repeats: the standard error of their mean (s / sqrt(k),
+        s their sample standard deviation) x sqrt(2 / pi), the mean absolute value of a normal error, as a
+        fraction of the measured time (None with fewer than two runs). For k = 2 the median is the mean."""
+        times = self.repeat_step_times_s
+        if len(times) < 2 or not self.measured_step_time_s:
+            return None
+        return math.sqrt(2 / math.pi) * statistics.stdev(times) / math.sqrt(len(times)) / self.measured_step_time_s
+
+    @property
     def ran(self) -> bool:
         return self.error is None and self.measured_step_time_s is not None
 
@@ -227,6 +239,10 @@ class Summary:
     memory_limit_bytes: int | None
     violations: list[Violation]
     max_busy_cpus: float | None
+    step_time_noise_floor: float | None = None
+    """Mean over plans of PlanOutcome.expected_error_of_exact_model: the step-time error that run-to-run noise
+    alone gives an exact model against these measurements (None with one run per plan). step_time_mape near or
+    below it is as good as these measurements can show."""
     run_spread: float | None = None
     """Median over plans of (slowest / fastest repeat - 1): the noise floor of the measurements themselves; no
     model can be more accurate than the same plan reproduces (None with one run per plan)."""
@@ -270,6 +286,7 @@ def summarize(outcomes: Sequence[PlanOutcome], memory_limit_bytes: int | None = 
                       for o in ran for r in o.ranks if r.measured_bytes > memory_limit_bytes]
     busy = [o.busy_cpus for o in outcomes if o.busy_cpus is not None]
     spreads = [o.run_spread for o in ran if o.run_spread is not None]
+    floors = [o.expected_error_of_exact_model for o in ran if o.expected_error_of_exact_model is not None]
     slowdowns = [o.machine_slowdown for o in ran if o.machine_slowdown is not None]
     same = [(o.predicted_step_time_s, o.same_speed_step_time_s) for o in ran if o.same_speed_step_time_s is not None]
     return Summary(plans=len(outcomes), ran=len(ran), failed=len(outcomes) - len(ran), spearman=spearman(pred, meas),
@@ -278,6 +295,7 @@ def summarize(outcomes: Sequence[PlanOutcome], memory_limit_bytes: int | None = 
                    solver_first=first, measured_best=best, memory_limit_bytes=memory_limit_bytes,
                    violations=violations, max_busy_cpus=max(busy) if busy else None,
                    run_spread=statistics.median(spreads) if spreads else None,
+                   step_time_noise_floor=statistics.fmean(floors) if floors and len(floors) == len(ran) else None,
                    machine_slowdown=statistics.median(slowdowns) if slowdowns else None,
                    step_time_mape_same_speed=mean_abs_pct_error([p for p, _ in same], [m for _, m in same])
                    if same and len(same) == len(ran) else None)

@@ -213,6 +213,20 @@ def test_repeats_combine_to_the_median_and_report_their_spread():
     assert summarize([outcome(1, 1.0, 1.3)]).run_spread is None
 
 
+def test_the_noise_floor_is_the_error_an_exact_model_would_show_from_the_repeats_spread():
+    import math
+
+    pair = combine_repeats([outcome(1, 1.0, 0.9), outcome(1, 1.0, 1.1)])
+    # two runs 0.2 apart: sample sd 0.1414, standard error of their mean 0.1, times sqrt(2/pi), over the mean 1.0
+    assert pair.expected_error_of_exact_model == pytest.approx(0.1 * math.sqrt(2 / math.pi))
+    steady = combine_repeats([outcome(2, 2.0, 2.0), outcome(2, 2.0, 2.0), outcome(2, 2.0, 2.0)])
+    assert steady.expected_error_of_exact_model == 0.0
+    assert summarize([pair, steady]).step_time_noise_floor == pytest.approx(0.05 * math.sqrt(2 / math.pi))
+    # one run per plan: nothing to tell noise from error
+    assert outcome(1, 1.0, 1.3).expected_error_of_exact_model is None
+    assert summarize([pair, outcome(2, 2.0, 2.0)]).step_time_noise_floor is None
+
+
 def test_on_cpu_a_pipeline_receive_occupies_the_receiving_rank(tmp_path):
     """gloo moves a pipeline tensor on the receiving rank's core: each receiving forward / backward pays it in
     full, not only as a latency that other work may hide."""
