@@ -85,13 +85,16 @@ class ProfiledCosts:
     def memory_time_s(self, nbytes: float) -> float:
         return nbytes / (self.gpu.hbm_GBps * 1e9)
 
+    def _tp_comm_bytes(self, mbs: int) -> float:
+        """Bytes of one TP collective: a micro-batch's activations (tokens x hidden)."""
+        return self.elem_bytes * mbs * self.model.seq_len * self.model.hidden_size
+
     def _cost(self, lp: LayerProfile, collectives: int) -> LayerCost:
-        tokens = lp.micro_batch_size * self.model.seq_len
         return LayerCost(fwd_s=lp.fwd_s, bwd_s=lp.bwd_s, recompute_extra_s=dict(lp.recompute_extra_s),
                          params=lp.params,
                          act_bytes={Recompute(k): float(v) * self.activation_peak_factor
                                     for k, v in lp.activation_bytes.items()},
-                         tp_comm_bytes=self.elem_bytes * tokens * self.model.hidden_size,
+                         tp_comm_bytes=self._tp_comm_bytes(lp.micro_batch_size),
                          tp_collectives=collectives if lp.tp > 1 else 0)
 
     def _layer(self, kind: str, tp: int, mbs: int) -> LayerProfile:
@@ -104,20 +107,19 @@ class ProfiledCosts:
         """What DTensor adds to a TP block's forward and backward beyond its shard and its collectives (Python
         dispatch of every sharded op, redistributes): the measured block (runtime/profile_tp.py) less the shard
         and the all-reduces as the estimator prices them (fit + mean stall; two in forward, two in backward,
-        Megatron-LM's f / g, Shoeybi et al. 2019 section 3), averaged over every profiled micro-batch size; None when no TP block was timed. The dispatch
-        does not grow with the micro-batch, and one size's timing is noisy: tiny-gpt's tp-2 block was priced
-        14.0 / 23.6 / 24.0 ms at mbs 1 / 2 / 4 in one profile (cv 0.2-0.5) while the 2-rank runs paid ~13-16 ms
-        a block at every size, so the TP plans at mbs 2 and 4 ran 34-38 % under their price. Averaged over the
-        sizes, each price leans on three times the samples; the all-reduces, which do grow with the micro-batch,
-        come from the collective fit."""
+        Megatron-LM's f / g, Shoeybi et al. 2019 section 3), averaged over every profiled micro-batch size; None
+        when no TP block was timed. The dispatch does not grow with the micro-batch, and one size's timing is
+        noisy: tiny-gpt's tp-2 block was priced 14.0 / 23.6 / 24.0 ms at mbs 1 / 2 / 4 in one profile (cv
+        0.2-0.5) while the 2-rank runs paid ~13-16 ms a block at every size, so the TP plans at mbs 2 and 4 ran
+        34-38 % under their price. Averaged over the sizes, each price leans on three times the samples; the
+        all-reduces, which do grow with the micro-batch, come from the collective fit."""
         fit = self.profile.collective("all_reduce", tp)
         fwd, bwd = [], []
         for real in self.profile.tp_blocks:
             shard = self.profile.layer("block", tp, real.micro_batch_size)
             if real.tp != tp or shard is None:
                 continue
-            reduce_s = fit.expected_s(self.elem_bytes * real.micro_batch_size * self.model.seq_len
-                                  * self.model.hidden_size) if fit else 0.0
+            reduce_s = fit.expected_s(self._tp_comm_bytes(real.micro_batch_size)) if fit else 0.0
             fwd.append(real.fwd_s - shard.fwd_s - 2 * reduce_s)
             bwd.append(real.bwd_s - shard.bwd_s - 2 * reduce_s)
         if not fwd:
