@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from cli.console import stderr_console
 from cli.errors import EXIT_BAD_INPUT, EXIT_NO_PLAN, fail
 from planner.plan import Schedule
 from planner.solve import DEFAULT_BATCH, DEFAULT_CLUSTER, DEFAULT_MODEL, LOCAL_BATCH, LOCAL_MODEL
@@ -28,10 +28,6 @@ from planner.specs import Recompute, SpecError
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None)
-
-
-def stderr_console() -> Console:
-    return Console(stderr=True)
 
 
 def write_new(path: Path, text: str, force: bool) -> None:

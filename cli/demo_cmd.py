@@ -5,8 +5,8 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from cli.console import stderr_console
 from planner.solve import LOCAL_BATCH, LOCAL_MODEL
 
 
@@ -29,7 +29,7 @@ def demo_command(
     except OSError as e:
         fail(f"{out}: cannot create ({e.strerror})")
     profile, plan = out / "profile.json", out / "plan.json"
-    console = Console(stderr=True)
+    console = stderr_console()
     for title, args in (
         (f"1/3 profile {LOCAL_MODEL}", ["profile", "--model", LOCAL_MODEL, "--ranks", str(ranks), "--out", str(profile)]),
         (f"2/3 solve for {ranks} local ranks", ["solve", "--cluster", "local", "--gpus", str(ranks), "--profile",

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cli.console import stderr_console
 from cli.errors import EXIT_BAD_INPUT, fail
 from planner.profile import Profile
 from planner.specs import SpecError, load_model
@@ -108,7 +109,7 @@ def profile_command(
         check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
     except SpecError as e:
         _fail(str(e))
-    console = Console(stderr=True)
+    console = stderr_console()
     busy_warning(console)
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not console.is_terminal, transient=True) as bar:

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.console import stderr_console
 from cli.errors import EXIT_BAD_INPUT, EXIT_FAILED_RUN, fail
 from planner.plan import Plan, load_plan
 from planner.specs import SpecError
@@ -125,7 +126,7 @@ def run_command(
     device_kind = _resolve_device(device)
     job = Job(plans=[plan.model_dump_json()], steps=steps, seed=seed, data=str(data) if data else None,
               device=device_kind, pg_timeout_s=collective_timeout)
-    console = Console(stderr=True)
+    console = stderr_console()
     try:
         if "RANK" in os.environ:  # one rank of torchrun
             launched = int(os.environ.get("WORLD_SIZE", "1"))

@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.console import stderr_console
 from cli.errors import EXIT_BAD_INPUT, EXIT_NO_PLAN, fail
 from planner.plan import Plan, Schedule
 from planner.profile import tp1_block_s
@@ -174,7 +175,7 @@ def validate_command(
         _fail(f"--steps {steps}: need at least 2 (the first is warm-up)")
     if ranks < 2:
         _fail(f"--ranks {ranks}: validation runs distributed plans; use at least 2")
-    console = Console(stderr=True, quiet=json_out and not sys.stderr.isatty())
+    console = stderr_console(quiet=json_out and not sys.stderr.isatty())
     cores = os.cpu_count() or 1
     if ranks > cores:
         console.print(f"warning: {ranks} ranks on {cores} cores time-share the cores; measured step times will "

@@ -70,3 +70,14 @@ def test_solve_does_not_import_torch():
             "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_tables_keep_their_columns_when_stderr_is_a_log(monkeypatch):
+    """Piped or redirected, rich would render at 80 columns and cut every cell of the plan table to "…"."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    res = runner.invoke(app, ["solve", "--gpus", "16", "--model", "gpt3-1.3b", "--global-batch", "64", "--top", "2"])
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.output.splitlines() if "TP" in line and "DP" in line)
+    for column in ("MBS", "µbatches", "recompute", "schedule", "tokens/s", "TFLOP/s/GPU", "peak GiB"):
+        assert column in header
+    assert "…" not in res.output.split("Rejected")[0]
