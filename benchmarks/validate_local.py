@@ -92,6 +92,8 @@ def main() -> None:
               f"noise floor {s['run_spread']} (an exact model's error: {s['step_time_noise_floor']}), "
               f"machine slowdown vs profile {s['machine_slowdown']}, "
               f"step MAE at the profiled speed {s['step_time_mape_same_speed']}")
+        for kind, k in s["by_kind"].items():
+            print(f"  {kind}: {k['plans']} plans, step MAE {k['step_time_mape']:.3f}, bias {k['step_time_bias']:+.3f}")
     print(f"wrote {args.out}")
 
 

@@ -108,6 +108,11 @@ def render(console: Console, outcomes: list[PlanOutcome], summary: Summary) -> N
         console.print(f"machine speed: a profiled block ran {summary.machine_slowdown:.2f}x its profiled time "
                       f"(median over plans); step-time error at the profiled speed "
                       f"{summary.step_time_mape_same_speed:.1%}")
+    if len(summary.by_kind) > 1:
+        console.print("step-time error by kind: " + ", ".join(
+            f"{kind} {k.step_time_mape:.1%} ({k.plans} plan{'s' if k.plans > 1 else ''}, priced "
+            f"{'high' if k.step_time_bias > 0 else 'low'} by {abs(k.step_time_bias):.1%} on average)"
+            for kind, k in summary.by_kind.items()))
     if summary.memory_limit_bytes is not None:
         console.print(f"memory limit {summary.memory_limit_bytes / MiB:.1f} MiB per rank: "
                       f"{len(summary.violations)} rank(s) over it")

@@ -168,6 +168,16 @@ class PlanOutcome:
         return max((r.measured_bytes for r in self.ranks), default=None)
 
 
+def plan_kind(config: dict) -> str:
+    """The parallelism a plan runs under, from plan_config: "tp2", "pp2", "dp2", "dp2 zero2", "pp2 dp2", ... ("one
+    rank" without any). Plans of one kind share what the runtime wraps them in (DTensor, pipelining, DDP, FSDP2),
+    which is where a cost model's errors cluster, so validate breaks the step-time error down by it."""
+    parts = [f"{axis}{config[axis]}" for axis in ("tp", "pp", "dp") if config.get(axis, 1) > 1]
+    if config.get("dp", 1) > 1 and config.get("zero", 0) >= 1:
+        parts.append(f"zero{config['zero']}")
+    return " ".join(parts) or "one rank"
+
+
 def plan_config(plan: Plan) -> dict:
     par = plan.parallel
     return {"tp": par.tp, "pp": par.pp, "dp": par.dp, "vpp": par.vpp, "sp": par.sp, "mbs": plan.micro_batch_size,
@@ -224,6 +234,31 @@ class Violation:
 
 
 @dataclass
+class KindError:
+    """The step-time error of the plans of one kind."""
+
+    plans: int
+    step_time_mape: float
+    """Mean of |predicted - measured| / measured."""
+    step_time_bias: float
+    """Mean of (predicted - measured) / measured: > 0 where the model prices these plans slower than they run."""
+
+
+def error_by_kind(outcomes: Sequence[PlanOutcome]) -> dict[str, KindError]:
+    """KindError per plan_kind over the outcomes that ran, the kinds in the order they first appear."""
+    groups: dict[str, list[PlanOutcome]] = {}
+    for o in outcomes:
+        if o.ran and o.measured_step_time_s > 0:
+            groups.setdefault(plan_kind(o.config), []).append(o)
+    return {kind: KindError(plans=len(group),
+                            step_time_mape=statistics.fmean(abs(o.predicted_step_time_s - o.measured_step_time_s)
+                                                            / o.measured_step_time_s for o in group),
+                            step_time_bias=statistics.fmean((o.predicted_step_time_s - o.measured_step_time_s)
+                                                            / o.measured_step_time_s for o in group))
+            for kind, group in groups.items()}
+
+
+@dataclass
 class Summary:
     plans: int
     ran: int
@@ -251,6 +286,8 @@ class Summary:
     step_time_mape_same_speed: float | None = None
     """step_time_mape against the step times brought back to the profiled speed (PlanOutcome.same_speed_step_time_s):
     the model's own error with the machine's drift since profiling taken out. The raw figure is the target's."""
+    by_kind: dict[str, KindError] = field(default_factory=dict)
+    """step-time error per plan_kind, over the plans that ran: where the model misses."""
 
     def checks(self) -> dict[str, bool | None]:
         """Each target of issue 5: met (True), missed (False) or not measurable (None)."""
@@ -298,4 +335,4 @@ def summarize(outcomes: Sequence[PlanOutcome], memory_limit_bytes: int | None = 
                    step_time_noise_floor=statistics.fmean(floors) if floors and len(floors) == len(ran) else None,
                    machine_slowdown=statistics.median(slowdowns) if slowdowns else None,
                    step_time_mape_same_speed=mean_abs_pct_error([p for p, _ in same], [m for _, m in same])
-                   if same and len(same) == len(ran) else None)
+                   if same and len(same) == len(ran) else None, by_kind=error_by_kind(ran))

@@ -66,10 +66,31 @@ def test_two_plans_run_and_are_compared(tmp_path):
     assert (summary["plans"], summary["ran"], summary["failed"]) == (2, 2, 0)
     assert summary["regret"] >= 1.0 and summary["step_time_mape"] is not None
     assert summary["run_spread"] >= 0  # two rounds: the noise floor is measured
+    assert list(summary["by_kind"]) == ["pp2"] and summary["by_kind"]["pp2"]["plans"] == 2
     for o in printed["outcomes"]:
         assert o["measured_step_time_s"] > 0 and len(o["ranks"]) == 2 and len(o["repeat_step_times_s"]) == 2
         assert all(r["measured_bytes"] > 0 and r["predicted_bytes"] > 0 for r in o["ranks"])
     assert printed["outcomes"][0]["solver_rank"] == 1
+
+
+def test_the_table_ends_with_the_error_per_kind_of_plan():
+    import io
+
+    from rich.console import Console
+
+    from cli.validate_cmd import render
+    from planner.validate import PlanOutcome, RankMemory, summarize
+
+    def ran(rank: int, pred: float, meas: float, tp: int, dp: int) -> PlanOutcome:
+        return PlanOutcome(solver_rank=rank, label=f"plan{rank}", config={"tp": tp, "pp": 1, "dp": dp, "zero": 0},
+                           predicted_step_time_s=pred, predicted_peak_bytes=100, measured_step_time_s=meas,
+                           ranks=[RankMemory(0, 100, 100)])
+
+    outcomes = [ran(1, 1.0, 1.1, 1, 2), ran(2, 3.0, 2.0, 2, 1)]
+    out = io.StringIO()
+    render(Console(file=out, width=200), outcomes, summarize(outcomes))
+    assert "step-time error by kind: dp2 9.1% (1 plan, priced low by 9.1% on average), tp2 50.0% (1 plan, priced " \
+           "high by 50.0% on average)" in out.getvalue()
 
 
 def test_runtime_calibration_measures_positive_overheads():

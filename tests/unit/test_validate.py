@@ -16,7 +16,7 @@ from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute
 from planner.validate import (PlanOutcome, RankMemory, average_ranks, candidate_plans, combine_repeats,
-                              mean_abs_pct_error, outcome_from_report, plan_key, spearman, summarize)
+                              mean_abs_pct_error, outcome_from_report, plan_key, plan_kind, spearman, summarize)
 
 TINY = MODELS["tiny-gpt"]
 
@@ -121,6 +121,32 @@ def test_memory_error_is_per_rank_and_limit_violations_are_listed():
     assert s.memory_mape == pytest.approx((0 + 10 / 110) / 2)
     assert [(v.rank, v.measured_bytes) for v in s.violations] == [(1, 110)]
     assert s.checks()["memory_limit"] is False
+
+
+def test_plan_kinds_name_the_parallelism_and_zero_only_with_data_parallel():
+    def kind(**par) -> str:
+        return plan_kind({"tp": 1, "pp": 1, "dp": 1, "zero": 0, **par})
+
+    assert kind(tp=2) == "tp2" and kind(pp=2) == "pp2" and kind(dp=2) == "dp2" and kind() == "one rank"
+    assert kind(dp=2, zero=2) == "dp2 zero2" and kind(tp=2, pp=2, dp=4, zero=1) == "tp2 pp2 dp4 zero1"
+    assert kind(pp=2, zero=2) == "pp2"  # ZeRO shards over data-parallel ranks: nothing to shard at dp 1
+
+
+def test_step_time_error_is_broken_down_by_plan_kind_with_its_direction():
+    def ran(rank: int, pred: float, meas: float, **par) -> PlanOutcome:
+        o = outcome(rank, pred, meas)
+        o.config = {"tp": 1, "pp": 1, "dp": 1, "zero": 0, **par}
+        return o
+
+    s = summarize([ran(1, 1.0, 1.25, dp=2), ran(2, 1.2, 1.0, pp=2), ran(3, 2.0, 1.0, tp=2), ran(4, 3.0, 2.0, tp=2),
+                   ran(5, 1.0, 0.8, dp=2), outcome(6, 1.0, None, error="failed")])
+    assert list(s.by_kind) == ["dp2", "pp2", "tp2"]  # in order of first appearance; the failed run left out
+    tp = s.by_kind["tp2"]
+    assert (tp.plans, tp.step_time_mape, tp.step_time_bias) == (2, pytest.approx(0.75), pytest.approx(0.75))
+    dp = s.by_kind["dp2"]  # one priced 20 % low, one 25 % high: they cancel in the bias, not in the error
+    assert dp.step_time_mape == pytest.approx((0.2 + 0.25) / 2) and dp.step_time_bias == pytest.approx(0.025)
+    assert s.by_kind["pp2"].step_time_bias == pytest.approx(0.2)
+    assert s.to_dict()["by_kind"]["tp2"]["plans"] == 2
 
 
 # ------------------------------------------------------------------------------------------ candidates
