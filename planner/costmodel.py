@@ -118,6 +118,7 @@ class AnalyticCosts:
     step_overhead_s = 0.0
     optimizer_s_per_param = 0.0
     runtime_fixed_bytes = 0
+    collective_after_compute_s = 0.0
 
     def layer_overhead_fraction(self, mbs: int) -> float:
         """What a whole-model micro-batch adds to its layers, as a share of them (measured by a profile)."""

@@ -220,13 +220,18 @@ class Estimator:
         def split(op: str, nbytes: float, pieces: int) -> float:
             return pieces * along(MeshAxis.DP, op, nbytes / pieces)
 
+        # every gradient reduction is issued as a rank's backward hands it over, i.e. right after compute, which
+        # costs a collective more on CPU than back to back (measured by a profile; 0 otherwise)
+        woken = self.costs.collective_after_compute_s
+        buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
         if c.zero <= 1:
-            dp_step = split("all_reduce", grad_bytes, max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES)))
+            dp_step = split("all_reduce", grad_bytes, buckets) + buckets * woken
             if c.zero == 1:  # updated shards are gathered back after the sharded optimizer step
-                dp_step += along(MeshAxis.DP, "all_gather", weight_bytes)
+                dp_step += along(MeshAxis.DP, "all_gather", weight_bytes) + woken
         units = -(-self.model.num_layers // c.pp) + 1
         if c.zero >= 2:
-            dp_step = split("reduce_scatter", grad_bytes, units) + split("all_gather", weight_bytes, units)
+            dp_step = (split("reduce_scatter", grad_bytes, units) + split("all_gather", weight_bytes, units)
+                       + units * woken)
         per_mb = 0.0
         if c.zero == 3:  # weights re-gathered for forward and again for backward of every later micro-batch
             per_mb = 2 * split("all_gather", weight_bytes, units) * (c.num_microbatches > 1)
@@ -235,7 +240,7 @@ class Estimator:
         # micro-batch: the blocks and the stage's root unit (runtime/parallel/data.py _fully_shard)
         measured = self.costs.fsdp_block_extra_s(c.zero, c.dp, c.micro_batch_size) if c.zero >= 2 else None
         if measured is not None and c.tp == 1:
-            dp_step = split("reduce_scatter", grad_bytes, units)
+            dp_step = split("reduce_scatter", grad_bytes, units) + units * woken
             per_mb = measured * units
         return Comm(tp_block_fwd_s=tp_block, tp_block_bwd_s=tp_block, tp_edge_fwd_s=one if c.tp > 1 else 0.0,
                     p2p_s=p2p, dp_step_s=dp_step, dp_per_microbatch_s=per_mb)

@@ -212,6 +212,10 @@ class Profile(Strict):
     pipeline: PipelineCalibration | None = None
     """CPU, 2+ ranks: the cost of a pipeline hand-off as the pipelining runtime pays it; None in profiles taken
     without it (the planner then charges the send_recv fit's expected_s)."""
+    collective_after_compute_s: float | None = Field(default=None, ge=0)
+    """CPU, 2+ ranks: what a collective issued right after compute pays beyond its fit's mean call
+    (runtime/profile_comm.py AFTER_COMPUTE_BYTES); the planner charges it to every gradient reduction of a step.
+    None where not measured (then nothing is added)."""
     pace: float | None = Field(default=None, ge=1)
     """How much slower than its fast pace the slowest process ran on average while the layers were timed (mean
     over fast seconds per call, runtime/profile_layers.py machine_pace); the layers' fwd_s / bwd_s include it.

@@ -30,6 +30,8 @@ class ProfiledCosts:
         # forward and backward (charging the whole model's figure to every virtual stage priced an interleaved
         # plan with 4 stages per rank at twice what it ran)
         self.microbatch_overhead_s = rt.microbatch_overhead_s if rt else 0.0
+        # a gradient reduction meets ranks that were computing: what that adds to a collective (0 if not measured)
+        self.collective_after_compute_s = profile.collective_after_compute_s or 0.0
         self.block = lru_cache(maxsize=None)(self._block)
         self.embedding = lru_cache(maxsize=None)(self._embedding)
         self.head = lru_cache(maxsize=None)(self._head)

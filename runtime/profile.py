@@ -142,6 +142,7 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
         optimizer_bytes = optimizer.bytes_per_param or optimizer_bytes_per_param(mixed_precision=device == "cuda")
         step("device")
     collectives = bench.fits() if bench else measure_collectives(ranks, device, comm, on_done=step)
+    after_compute = bench.after_compute_extra_s(collectives) if bench else None
     tp_blocks, fsdp_blocks = over_all.timings()  # timed only on CPU with 2+ ranks, i.e. when concurrent > 1
     for world in sorted(set(tp_worlds) - {ranks}):
         tp, _ = measure_sharded_blocks(spec, world, True, False, micro_batch_sizes, sharded, on_done=step)
@@ -154,4 +155,5 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     step("runtime calibration")
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
                    optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks,
-                   fsdp_blocks=fsdp_blocks, pipeline=pipeline.calibration() if pipeline else None, pace=pace)
+                   fsdp_blocks=fsdp_blocks, pipeline=pipeline.calibration() if pipeline else None, pace=pace,
+                   collective_after_compute_s=after_compute)

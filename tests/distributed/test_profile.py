@@ -95,7 +95,7 @@ def test_blocks_timed_under_dtensor_and_fsdp2_on_two_gloo_ranks():
 
 
 def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_pipeline_and_adamw_in_them():
-    from runtime.profile_comm import CollectiveBench
+    from runtime.profile_comm import AFTER_COMPUTE_BYTES, CollectiveBench
     from runtime.profile_concurrent import measure_layers_concurrently
     from runtime.profile_pipeline import PipelineBench
     from runtime.profile_runtime import OptimizerBench
@@ -118,6 +118,8 @@ def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_pipeli
                                                                                 ("interleaved", 2, 48)]
     assert all(r.step_time_s > 0 for r in hand_offs.runs)
     assert sorted(f.op for f in comm.fits()) == ["all_gather", "all_reduce", "reduce_scatter", "send_recv"]
+    assert comm.after_compute[0] == AFTER_COMPUTE_BYTES and comm.after_compute[1] > 0
+    assert comm.after_compute_extra_s() >= 0
     tp, fsdp = blocks.timings()
     assert [(t.tp, t.micro_batch_size) for t in tp] == [(2, 1)] and tp[0].fwd_s > 0 and fsdp == []
     assert optimizer.bytes_per_param == 8 and optimizer.adamw[0] > 0
@@ -167,3 +169,18 @@ def test_profile_model_without_collectives_covers_every_case():
         (k, t, m) for k in ("embedding", "block", "head") for t in (1, 2) for m in (1, 2)}
     assert prof.device.threads == 1 and prof.device.matmul_tflops > 0 and prof.precision == "fp32"
     assert torch.get_num_threads() >= 1  # restored after profiling
+
+
+def test_a_collective_after_compute_is_priced_as_its_excess_over_the_fits_mean_call():
+    from runtime.profile_comm import CollectiveBench
+
+    bench = CollectiveBench(2, "cpu", CommConfig(), None)
+    sizes = [1 << e for e in range(10, 20)]
+    bench.raw[("all_reduce", 2)] = ([(n, 1e-4 + n * 1e-9) for n in sizes], [], [], 5e-4)
+    assert bench.after_compute_extra_s() is None  # not measured (CUDA)
+    bench.after_compute = (1 << 18, 3e-3)
+    fit = bench.fits()[0]
+    assert fit.expected_s(1 << 18) == pytest.approx(1e-4 + (1 << 18) * 1e-9 + 5e-4)
+    assert bench.after_compute_extra_s() == pytest.approx(3e-3 - fit.expected_s(1 << 18))
+    bench.after_compute = (1 << 18, 1e-4)  # faster than back to back: nothing is added
+    assert bench.after_compute_extra_s() == 0.0

@@ -225,6 +225,22 @@ def test_cpu_gradient_reduction_is_not_hidden_behind_backward(tmp_path):
     assert one_mb.predicted.step_time_s > per_rank_work + 1.8e-3
 
 
+def test_each_gradient_reduction_pays_what_a_collective_after_compute_costs(tmp_path):
+    def plans(after_compute_s):
+        prof = synthetic_profile().model_copy(update={"collective_after_compute_s": after_compute_s})
+        return {(p.parallel.tp, p.parallel.pp, p.parallel.dp, p.micro_batch_size, p.zero, p.recompute): p
+                for p in candidate_plans(request(tmp_path, prof), recompute_modes=(Recompute.NONE,))
+                if p.schedule == "1f1b"}
+
+    plain, woken = plans(None), plans(0.002)
+    step = {key: woken[key].predicted.step_time_s - p.predicted.step_time_s for key, p in plain.items()}
+    # (within 2 %: the once-a-step collectives are scaled to the busiest rank's share of the parameters, 0.99 here)
+    assert step[(1, 1, 2, 4, 0, "none")] == pytest.approx(0.002, rel=0.02)  # DDP: one bucket
+    units = TINY.num_layers + 1  # FSDP2 reduce-scatters every block and the root unit
+    assert step[(1, 1, 2, 4, 2, "none")] == pytest.approx(units * 0.002, rel=0.02)
+    assert step[(1, 2, 1, 4, 0, "none")] == 0 and step[(2, 1, 1, 4, 0, "none")] == 0  # no data parallelism
+
+
 def test_repeats_combine_to_the_median_and_report_their_spread():
     runs = [outcome(1, 1.0, t, meas_b=b) for t, b in ((1.2, 100), (1.0, 120), (1.5, 110))]
     one = combine_repeats(runs)
