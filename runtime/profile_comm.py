@@ -205,7 +205,8 @@ calls each after 0 / 30 / 100 ms of matmuls): 1.75 MB took 0.9-1.0 ms (median) b
 compute (mean 3.6-3.9 against 1.6-2.0), 16 KiB 1.8 ms after 30 ms of compute against 0.4 back to back: a
 collective that meets a rank which was computing pays ~1.5-2 ms more, at any size (the rank's gloo thread and
 the loopback's receive path wake up first). A 2-rank DDP step of tiny-gpt (mbs 4 x 2) took 5-7 ms longer with an
-explicit all-reduce of its 1.75 MB of gradients than without, against the fit's 1.8 ms."""
+explicit all-reduce of its 1.75 MB of gradients than without, against the fit's 1.8 ms. Three profiles that
+afternoon measured the excess over the fit's mean call at 1.6-3.9 ms."""
 
 
 # ----------------------------------------------------------------------------------------------- in a rank
