@@ -224,16 +224,15 @@ class Estimator:
         # costs a collective more on CPU than back to back (measured by a profile; 0 otherwise): once per DDP
         # bucket and per FSDP2 unit (ZeRO-2 plans of tiny-gpt ran 15-24 ms a step over their price at 2 and 8
         # micro-batches alike, about its 9 units x 2 ms)
-        woken = self.costs.collective_after_compute_s
         buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
-        if c.zero <= 1:
-            dp_step = split("all_reduce", grad_bytes, buckets) + buckets * woken
-            if c.zero == 1:  # updated shards are gathered back after the sharded optimizer step
-                dp_step += along(MeshAxis.DP, "all_gather", weight_bytes) + woken
         units = -(-self.model.num_layers // c.pp) + 1
+        reductions_after_compute = units if c.zero >= 2 else buckets + (c.zero == 1)
+        if c.zero <= 1:
+            dp_step = split("all_reduce", grad_bytes, buckets)
+            if c.zero == 1:  # updated shards are gathered back after the sharded optimizer step
+                dp_step += along(MeshAxis.DP, "all_gather", weight_bytes)
         if c.zero >= 2:
-            dp_step = (split("reduce_scatter", grad_bytes, units) + split("all_gather", weight_bytes, units)
-                       + units * woken)
+            dp_step = split("reduce_scatter", grad_bytes, units) + split("all_gather", weight_bytes, units)
         per_mb = 0.0
         if c.zero == 3:  # weights re-gathered for forward and again for backward of every later micro-batch
             per_mb = 2 * split("all_gather", weight_bytes, units) * (c.num_microbatches > 1)
@@ -242,8 +241,9 @@ class Estimator:
         # micro-batch: the blocks and the stage's root unit (runtime/parallel/data.py _fully_shard)
         measured = self.costs.fsdp_block_extra_s(c.zero, c.dp, c.micro_batch_size) if c.zero >= 2 else None
         if measured is not None and c.tp == 1:
-            dp_step = split("reduce_scatter", grad_bytes, units) + units * woken
+            dp_step = split("reduce_scatter", grad_bytes, units)
             per_mb = measured * units
+        dp_step += reductions_after_compute * self.costs.collective_after_compute_s
         return Comm(tp_block_fwd_s=tp_block, tp_block_bwd_s=tp_block, tp_edge_fwd_s=one if c.tp > 1 else 0.0,
                     p2p_s=p2p, dp_step_s=dp_step, dp_per_microbatch_s=per_mb)
 

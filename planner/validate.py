@@ -246,16 +246,14 @@ class KindError:
 
 def error_by_kind(outcomes: Sequence[PlanOutcome]) -> dict[str, KindError]:
     """KindError per plan_kind over the outcomes that ran, the kinds in the order they first appear."""
-    groups: dict[str, list[PlanOutcome]] = {}
+    groups: dict[str, list[tuple[float, float]]] = {}
     for o in outcomes:
         if o.ran and o.measured_step_time_s > 0:
-            groups.setdefault(plan_kind(o.config), []).append(o)
-    return {kind: KindError(plans=len(group),
-                            step_time_mape=statistics.fmean(abs(o.predicted_step_time_s - o.measured_step_time_s)
-                                                            / o.measured_step_time_s for o in group),
-                            step_time_bias=statistics.fmean((o.predicted_step_time_s - o.measured_step_time_s)
-                                                            / o.measured_step_time_s for o in group))
-            for kind, group in groups.items()}
+            groups.setdefault(plan_kind(o.config), []).append((o.predicted_step_time_s, o.measured_step_time_s))
+    return {kind: KindError(plans=len(pairs),
+                            step_time_mape=mean_abs_pct_error([p for p, _ in pairs], [m for _, m in pairs]),
+                            step_time_bias=statistics.fmean((p - m) / m for p, m in pairs))
+            for kind, pairs in groups.items()}
 
 
 @dataclass
