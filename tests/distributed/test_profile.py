@@ -94,6 +94,33 @@ def test_blocks_timed_under_dtensor_and_fsdp2_on_two_gloo_ranks():
     assert measure_sharded_blocks(GPT, 2, False, False, [1], QUICK) == ([], [])
 
 
+class _NoCollectives:
+    """Stands in for torch.distributed on one process: every all-reduce leaves its tensor as it is."""
+
+    class ReduceOp:
+        MAX = None
+
+    @staticmethod
+    def all_reduce(tensor, op=None):
+        return tensor
+
+
+def test_wrapped_blocks_are_timed_as_a_chain_and_priced_per_block(monkeypatch):
+    import runtime.profile_tp as profile_tp
+
+    assert profile_tp.chain_length(GPT) == min(profile_tp.CHAIN_BLOCKS, GPT.num_layers)
+    assert profile_tp.chain_length(GPT.model_copy(update={"num_layers": 1})) == 1
+    clock = iter(range(10_000))  # every reading of the clock is one second after the last
+    monkeypatch.setattr(profile_tp.time, "perf_counter", lambda: float(next(clock)))
+    chain = [torch.nn.Linear(4, 4) for _ in range(3)]
+    x = torch.randn(2, 4, requires_grad=True)
+    fwds, bwds = profile_tp._time(chain, x, torch.ones(2, 4), TimingConfig(warmup=1, repeats=5, min_sample_s=0.5),
+                                  _NoCollectives)
+    # one second for the chain's forward and one for its backward: a third of each per block
+    assert fwds == bwds == [pytest.approx(1 / 3)] * 5
+    assert all(layer.weight.grad is not None for layer in chain)  # the backward ran through every block
+
+
 def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_pipeline_and_adamw_in_them():
     from runtime.profile_comm import AFTER_COMPUTE_BYTES, CollectiveBench
     from runtime.profile_concurrent import measure_layers_concurrently
