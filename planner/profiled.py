@@ -105,16 +105,18 @@ class ProfiledCosts:
             raise KeyError(f"{kind} tp={tp} mbs={mbs} not in the profile")
         return lp
 
-    def tp_wrapper_extra_s(self, tp: int) -> tuple[float, float] | None:
-        """What DTensor adds to a TP block's forward and backward beyond its shard and its collectives (Python
-        dispatch of every sharded op, redistributes): the measured block (runtime/profile_tp.py) less the shard
-        and the all-reduces as the estimator prices them (fit + mean stall; two in forward, two in backward,
-        Megatron-LM's f / g, Shoeybi et al. 2019 section 3), averaged over every profiled micro-batch size; None
-        when no TP block was timed. The dispatch does not grow with the micro-batch, and one size's timing is
-        noisy: tiny-gpt's tp-2 block was priced 14.0 / 23.6 / 24.0 ms at mbs 1 / 2 / 4 in one profile (cv
-        0.2-0.5) while the 2-rank runs paid ~13-16 ms a block at every size, so the TP plans at mbs 2 and 4 ran
-        34-38 % under their price. Averaged over the sizes, each price leans on three times the samples; the
-        all-reduces, which do grow with the micro-batch, come from the collective fit."""
+    def tp_wrapper_extra_s(self, tp: int, mbs: int) -> tuple[float, float] | None:
+        """What DTensor adds to a TP block's forward and backward at micro-batch size ``mbs`` beyond its shard and
+        its collectives (Python dispatch of every sharded op, redistributes): the measured block
+        (runtime/profile_tp.py) less the shard and the all-reduces as the estimator prices them (fit + mean stall;
+        two in forward, two in backward, Megatron-LM's f / g, Shoeybi et al. 2019 section 3), as a line in the
+        micro-batch size fitted over every profiled size that never falls (rising_line); None when no TP block
+        was timed. The dispatch is a fixed cost per op and the redistributes move activations, so the extra can
+        only grow with the micro-batch: wide-gpt's grew 3.1 / 4.6 / 6.1 ms (forward) at mbs 1 / 2 / 4, and one
+        mean price for all sizes ran its TP plans at mbs 1 at 27-49 % over what they ran. tiny-gpt's is dispatch
+        alone, and one size's timing is noisy (14.0 / 23.6 / 24.0 ms at mbs 1 / 2 / 4 in one profile, cv 0.2-0.5,
+        where the runs paid ~13-16 ms a block at every size): fitted over the sizes, each price leans on all of
+        them, and a falling fit is their mean."""
         fit = self.profile.collective("all_reduce", tp)
         fwd, bwd = [], []
         for real in self.profile.tp_blocks:
@@ -122,18 +124,18 @@ class ProfiledCosts:
             if real.tp != tp or shard is None:
                 continue
             reduce_s = fit.expected_s(self._tp_comm_bytes(real.micro_batch_size)) if fit else 0.0
-            fwd.append(real.fwd_s - shard.fwd_s - 2 * reduce_s)
-            bwd.append(real.bwd_s - shard.bwd_s - 2 * reduce_s)
+            fwd.append((real.micro_batch_size, real.fwd_s - shard.fwd_s - 2 * reduce_s))
+            bwd.append((real.micro_batch_size, real.bwd_s - shard.bwd_s - 2 * reduce_s))
         if not fwd:
             return None
-        return max(0.0, statistics.fmean(fwd)), max(0.0, statistics.fmean(bwd))
+        return tuple(max(0.0, a + b * mbs) for a, b in (rising_line(fwd), rising_line(bwd)))
 
     def _block(self, tp: int, sp: bool, mbs: int) -> LayerCost:
         shard = self._layer("block", tp, mbs)
         cost = self._cost(shard, 2)
         if Recompute.NONE not in cost.recompute_extra_s:
             cost.recompute_extra_s[Recompute.NONE] = 0.0
-        wrapper = self.tp_wrapper_extra_s(tp) if tp > 1 else None
+        wrapper = self.tp_wrapper_extra_s(tp, mbs) if tp > 1 else None
         if wrapper is not None:
             # Timed as the runtime runs it (DTensor over tp ranks): the shard + fitted collectives missed DTensor's
             # dispatch, which the measurement adds. Full recompute repeats the forward's dispatch too (and the
@@ -152,3 +154,14 @@ class ProfiledCosts:
 
     def _head(self, tp: int, sp: bool, mbs: int) -> LayerCost:
         return self._cost(self._layer("head", tp, mbs), 1)
+
+
+def rising_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(a, b) of the least-squares line y = a + b x through ``points`` (x, y) with b >= 0: where the best line
+    falls (or all x are equal) b = 0 and a is the mean of y, the best line that does not fall."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx > 0 else 0.0
+    slope = max(0.0, slope)
+    return my - slope * mx, slope

@@ -174,29 +174,57 @@ def test_a_block_timed_under_dtensor_adds_its_dispatch_to_shard_plus_fitted_coll
     assert (alone.fwd_s, alone.bwd_s, alone.tp_collectives) == (pytest.approx(6e-3), pytest.approx(9e-3), 0)
 
 
-def test_dtensor_dispatch_is_one_price_for_every_micro_batch_size_the_mean_of_the_sizes():
+def test_rising_line_is_least_squares_and_never_falls():
+    from planner.profiled import rising_line
+
+    a, b = rising_line([(1, 3.0), (2, 5.0), (4, 9.0)])  # on the line 1 + 2 x
+    assert (a, b) == (pytest.approx(1.0), pytest.approx(2.0))
+    a, b = rising_line([(1, 3.0), (2, 4.0), (4, 4.0)])  # least squares: slope 2/7 through the means
+    assert b == pytest.approx(2 / 7) and a + b * 7 / 3 == pytest.approx(11 / 3)
+    assert rising_line([(1, 9.0), (2, 6.0), (4, 6.0)]) == (pytest.approx(7.0), 0.0)  # falls: the mean
+    assert rising_line([(2, 5.0)]) == (5.0, 0.0)
+
+
+def _dtensor_dispatch(fwd_bwd_at_2: tuple[float, float], fwd_bwd_at_4: tuple[float, float]):
+    """Costs of a profile whose tp-2 block was timed at mbs 2 and 4, and the dispatch measured at each size."""
     from planner.presets import CLUSTERS
     from planner.profile import TPBlockTiming
     from planner.profiled import ProfiledCosts
 
-    gpu = CLUSTERS["local"].gpu
     shards = [tp_shard(2), tp_shard(4, scale=2.0)]
-    reals = [TPBlockTiming(tp=2, micro_batch_size=2, fwd_s=6e-3, bwd_s=9e-3, fwd_cv=0.1, bwd_cv=0.1),
-             TPBlockTiming(tp=2, micro_batch_size=4, fwd_s=12e-3, bwd_s=13e-3, fwd_cv=0.1, bwd_cv=0.1)]
+    reals = [TPBlockTiming(tp=2, micro_batch_size=mbs, fwd_s=f, bwd_s=b, fwd_cv=0.1, bwd_cv=0.1)
+             for mbs, (f, b) in ((2, fwd_bwd_at_2), (4, fwd_bwd_at_4))]
     prof = make_profile(layers=shards, tp_blocks=reals)
     fit = prof.collective("all_reduce", 2)
-    costs = ProfiledCosts(prof, gpu)
-    dispatch = [(r.fwd_s - s.fwd_s - 2 * fit.expected_s(4 * r.micro_batch_size * TINY.seq_len * TINY.hidden_size),
-                 r.bwd_s - s.bwd_s - 2 * fit.expected_s(4 * r.micro_batch_size * TINY.seq_len * TINY.hidden_size))
-                for s, r in zip(shards, reals)]
-    fwd_extra, bwd_extra = costs.tp_wrapper_extra_s(2)
-    assert fwd_extra == pytest.approx((dispatch[0][0] + dispatch[1][0]) / 2)
-    assert bwd_extra == pytest.approx((dispatch[0][1] + dispatch[1][1]) / 2)
-    for shard in shards:
+    reduce_s = [fit.expected_s(4 * r.micro_batch_size * TINY.seq_len * TINY.hidden_size) for r in reals]
+    dispatch = [(r.fwd_s - s.fwd_s - 2 * x, r.bwd_s - s.bwd_s - 2 * x) for s, r, x in zip(shards, reals, reduce_s)]
+    return ProfiledCosts(prof, CLUSTERS["local"].gpu), shards, dispatch
+
+
+def test_dtensor_dispatch_that_grows_with_the_micro_batch_is_priced_per_size():
+    costs, shards, dispatch = _dtensor_dispatch((6e-3, 9e-3), (12e-3, 16e-3))
+    assert dispatch[1][0] > dispatch[0][0] and dispatch[1][1] > dispatch[0][1]
+    # two sizes: the line passes through both, so each size is priced at its own measurement
+    for shard, (fwd_extra, bwd_extra) in zip(shards, dispatch):
+        assert costs.tp_wrapper_extra_s(2, shard.micro_batch_size) == (pytest.approx(fwd_extra),
+                                                                       pytest.approx(bwd_extra))
         block = costs.block(2, False, shard.micro_batch_size)
         assert (block.fwd_s, block.bwd_s) == (pytest.approx(shard.fwd_s + fwd_extra),
                                               pytest.approx(shard.bwd_s + bwd_extra))
-    assert costs.tp_wrapper_extra_s(4) is None
+    # between and beyond the sizes, along the line
+    assert costs.tp_wrapper_extra_s(2, 3)[0] == pytest.approx((dispatch[0][0] + dispatch[1][0]) / 2)
+    assert costs.tp_wrapper_extra_s(4, 2) is None
+
+
+def test_dtensor_dispatch_that_falls_with_the_micro_batch_is_one_price_the_mean_of_the_sizes():
+    costs, shards, dispatch = _dtensor_dispatch((9e-3, 12e-3), (8e-3, 11e-3))
+    assert dispatch[1][0] < dispatch[0][0] and dispatch[1][1] < dispatch[0][1]
+    mean = ((dispatch[0][0] + dispatch[1][0]) / 2, (dispatch[0][1] + dispatch[1][1]) / 2)
+    for shard in shards:
+        assert costs.tp_wrapper_extra_s(2, shard.micro_batch_size) == (pytest.approx(mean[0]), pytest.approx(mean[1]))
+        block = costs.block(2, False, shard.micro_batch_size)
+        assert (block.fwd_s, block.bwd_s) == (pytest.approx(shard.fwd_s + mean[0]),
+                                              pytest.approx(shard.bwd_s + mean[1]))
 
 
 def test_zero_2_and_3_take_the_measured_fsdp2_cost_per_block_and_micro_batch(tmp_path):
