@@ -1,6 +1,6 @@
-"""Time one transformer block as the runtime runs it under tensor parallelism (DTensor-sharded over ``tp``
+"""Time a transformer block as the runtime runs it under tensor parallelism (DTensor-sharded over ``tp``
 spawned local ranks, runtime/parallel/tensor.py's plan) or under ZeRO 2 / 3 (FSDP2 over ``dp`` ranks),
-collectives included.
+collectives included: a chain of such blocks, as a stage runs them (CHAIN_BLOCKS), per block.
 
 The layer profile times a TP degree as its shard, a plain block of hidden/t width, and prices the collectives
 from the alpha-beta fits. On CPU with gloo that missed most of a TP step: DTensor dispatches every sharded op in
@@ -10,7 +10,7 @@ blocks. Likewise FSDP2 on CPU: its hooks and per-micro-batch parameter gathers m
 1.6-2.7x their prediction.
 
 Timing as runtime/profile_layers.py: warm-up samples, then the median of ``repeats`` samples, each repeating
-forward + backward until it lasts ``min_sample_s``; a sample's time is the slowest rank's.
+the chain's forward + backward until it lasts ``min_sample_s``; a sample's time is the slowest rank's.
 
 Why a median here and not the layers' fastest call x pace: a wrapped block waits on gloo inside every call, and that
 wait varies from call to call whatever the vCPU's speed. Measured here (2 ranks, tiny-gpt, four runs of this
