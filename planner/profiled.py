@@ -111,9 +111,9 @@ class ProfiledCosts:
         (runtime/profile_tp.py) less the shard and the all-reduces as the estimator prices them (fit + mean stall;
         two in forward, two in backward, Megatron-LM's f / g, Shoeybi et al. 2019 section 3), as a line in the
         micro-batch size fitted over every profiled size that never falls (rising_line); None when no TP block
-        was timed. The dispatch is a fixed cost per op and the redistributes move activations, so the extra can
-        only grow with the micro-batch: wide-gpt's grew 3.1 / 4.6 / 6.1 ms (forward) at mbs 1 / 2 / 4, and one
-        mean price for all sizes ran its TP plans at mbs 1 at 27-49 % over what they ran. tiny-gpt's is dispatch
+        was timed. The dispatch is a fixed cost per op and the redistributes move activations, so the extra should
+        not fall as the micro-batch grows: wide-gpt's grew 3.1 / 4.6 / 6.1 ms (forward) at mbs 1 / 2 / 4, and one
+        mean for all sizes priced its TP plans at mbs 1 27-49 % over what they ran. tiny-gpt's is dispatch
         alone, and one size's timing is noisy (14.0 / 23.6 / 24.0 ms at mbs 1 / 2 / 4 in one profile, cv 0.2-0.5,
         where the runs paid ~13-16 ms a block at every size): fitted over the sizes, each price leans on all of
         them, and a falling fit is their mean."""
