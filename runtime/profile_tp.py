@@ -162,18 +162,19 @@ def _time(chain: list, x, grad, timing: TimingConfig, dist) -> tuple[list[float]
         y.backward(grad)
         t2 = time.perf_counter()
         x.grad = None
-        return (t1 - t0) / len(chain), (t2 - t1) / len(chain)
+        return t1 - t0, t2 - t1
 
     one()
     f, b = one()
     # every rank must make the same number of calls: agree on the slowest rank's count
-    calls = torch.tensor([max(1, math.ceil(timing.min_sample_s / max((f + b) * len(chain), 1e-7)))])
+    calls = torch.tensor([max(1, math.ceil(timing.min_sample_s / max(f + b, 1e-7)))])
     dist.all_reduce(calls, op=dist.ReduceOp.MAX)
     samples = []
     for i in range(timing.warmup + timing.repeats):
         pairs = [one() for _ in range(int(calls.item()))]
-        if i >= timing.warmup:
-            samples.append((sum(p[0] for p in pairs) / len(pairs), sum(p[1] for p in pairs) / len(pairs)))
+        if i >= timing.warmup:  # per block: each call ran every block of the chain once
+            block_calls = len(pairs) * len(chain)
+            samples.append((sum(p[0] for p in pairs) / block_calls, sum(p[1] for p in pairs) / block_calls))
     slowest = torch.tensor(samples, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return slowest[:, 0].tolist(), slowest[:, 1].tolist()
