@@ -132,7 +132,7 @@ class AnalyticCosts:
         gathers from the collective model."""
         return None
 
-    def pipeline_transfer_s(self, nbytes: float, interleaved: bool) -> float | None:
+    def pipeline_transfer_s(self, nbytes: float, schedule: str) -> float | None:
         """Measured cost of one pipeline hand-off of ``nbytes`` (a profile's); None: price it as a send_recv."""
         return None
 

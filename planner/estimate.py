@@ -183,10 +183,9 @@ class Estimator:
 
     # ------------------------------------------------------------------ communication
     def comm(self, c: Config) -> Comm:
-        """Communication of a configuration (cached); of the schedule only whether it interleaves changes it (a
-        profile's pipeline hand-offs)."""
+        """Communication of a configuration (cached); the schedule changes only a profile's pipeline hand-offs."""
         key = (c.tp, c.pp, c.dp, c.sp, c.micro_batch_size, c.zero, c.num_microbatches > 1, c.mesh_order,
-               c.schedule == Schedule.INTERLEAVED)
+               c.schedule)
         if key not in self._comm_cache:
             self._comm_cache[key] = self._comm(c)
         return self._comm_cache[key]
@@ -209,7 +208,7 @@ class Estimator:
         p2p_bytes = block.tp_comm_bytes / (c.tp if c.sp else 1)
         p2p = 0.0
         if c.pp > 1:  # as a profile measured the pipelining runtime's hand-offs, else as a send_recv
-            measured = self.costs.pipeline_transfer_s(p2p_bytes, c.schedule == Schedule.INTERLEAVED)
+            measured = self.costs.pipeline_transfer_s(p2p_bytes, c.schedule)
             p2p = measured if measured is not None else along(MeshAxis.PP, "send_recv", p2p_bytes)
         # data parallel: gradients of this rank's parameters, on the busiest pipeline rank
         rank_params = self.rank_params_upper(c)

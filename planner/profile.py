@@ -163,7 +163,7 @@ def machine_slowdown(measured: dict, profiled_block_s: float | None) -> float | 
 class PipelineRun(Strict):
     """One schedule run by torch.distributed.pipelining on stages that do almost no work."""
 
-    schedule: Literal["1f1b", "interleaved"]
+    schedule: Literal["1f1b", "gpipe", "interleaved"]
     vpp: int = Field(gt=0)
     num_microbatches: int = Field(gt=0)
     receives_per_rank: int = Field(gt=0)
@@ -185,12 +185,14 @@ class PipelineCalibration(Strict):
     """The activation passed: one micro-batch (the smallest profiled) x seq_len x hidden_size."""
     runs: list[PipelineRun] = Field(min_length=1)
 
-    def receive_s(self, interleaved: bool) -> float:
-        """Seconds per hand-off under the interleaved schedule's run, or else under the one-chunk (1F1B) run
-        (GPipe has the same hand-offs per chunk); the other run where one is missing."""
-        kind = "interleaved" if interleaved else "1f1b"
-        run = next((r for r in self.runs if r.schedule == kind), self.runs[0])
-        return run.receive_s
+    def receive_s(self, schedule: str) -> float:
+        """Seconds per hand-off under ``schedule``'s own run. Profiles written before GPipe was timed price it
+        at 1F1B's (the same hand-offs per chunk, posted apart); any run where the kind's is missing."""
+        for kind in (schedule, "1f1b" if schedule == "gpipe" else schedule):
+            run = next((r for r in self.runs if r.schedule == kind), None)
+            if run is not None:
+                return run.receive_s
+        return self.runs[0].receive_s
 
 
 class Profile(Strict):

@@ -72,14 +72,14 @@ class ProfiledCosts:
                   if (plain := self.profile.layer("block", 1, real.micro_batch_size)) is not None]
         return max(0.0, statistics.fmean(extras)) if extras else None
 
-    def pipeline_transfer_s(self, nbytes: float, interleaved: bool) -> float | None:
-        """One pipeline hand-off of ``nbytes`` as the pipelining runtime pays it under this kind of schedule: the
+    def pipeline_transfer_s(self, nbytes: float, schedule: str) -> float | None:
+        """One pipeline hand-off of ``nbytes`` as the pipelining runtime pays it under ``schedule``: the
         profile's measured hand-off (runtime/profile_pipeline.py) moved along the send_recv fit to this size (never
         below the fit itself); None when the profile did not time hand-offs."""
         cal, fit = self.profile.pipeline, self.profile.collective("send_recv", 2)
         if cal is None:
             return None
-        measured = cal.receive_s(interleaved)
+        measured = cal.receive_s(schedule)
         if fit is None:
             return measured
         return max(fit.time_s(nbytes), measured + fit.time_s(nbytes) - fit.time_s(cal.message_bytes))

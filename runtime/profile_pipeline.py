@@ -9,8 +9,13 @@ runtime's own work around them: 1F1B (16 waits per rank) 15-25 ms a step, interl
 104-126, v4 (112) 151-163: 0.9-1.5 ms per hand-off under 1F1B, 1.3-1.65 under interleaved whatever its vpp.
 The benchmark's exchange starts both ranks together after a barrier, while a pipeline's receiver waits for a
 sender that is still computing, and each action adds the schedule's Python around its send and receive. So a
-1F1B and an interleaved (v2) run are timed, and each gives its schedule's cost per hand-off (planner/profiled.py
-pipeline_transfer_s moves it to other message sizes along the send_recv fit).
+1F1B, a GPipe and an interleaved (v2) run are timed, and each gives its schedule's cost per hand-off
+(planner/profiled.py pipeline_transfer_s moves it to other message sizes along the send_recv fit). GPipe has
+1F1B's hand-offs but not its cost: with the same 16 micro-batches of tiny-gpt's activation on 2 ranks it took
+12.5-13.0 ms a step against 1F1B's 6.6-8.3 (3 rounds; 0.8 against 0.4-0.5 ms per hand-off; 0.50 against 0.31
+in a profile), and GPipe plans of tiny-gpt ran 8-18 % over a price that charged them 1F1B's hand-offs. In its
+steady state torch's Schedule1F1B posts each send in one batch with the next receive and waits once; ScheduleGPipe
+waits for every receive on its own and leaves its sends outstanding until the phase ends.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from planner.schedule import receives_per_rank
 from planner.specs import ModelSpec
 from runtime.spawned import report_and_leave, report_failure
 
-SCHEDULES: tuple[tuple[str, int], ...] = (("1f1b", 1), ("interleaved", 2))
+SCHEDULES: tuple[tuple[str, int], ...] = (("1f1b", 1), ("gpipe", 1), ("interleaved", 2))
 MICROBATCHES_PER_RANK = 8
 WARMUP_STEPS = 2
 TIMED_STEPS = 8
@@ -75,7 +80,7 @@ def pipeline_rank(rank: int, world: int, port: int, spec: ModelSpec, mbs: int, m
     slowest rank's); rank 0 sends ("pipeline", [seconds per schedule])."""
     try:
         import torch.distributed as dist
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         torch.set_num_threads(1)  # one thread per rank, as the runtime runs
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -85,7 +90,8 @@ def pipeline_rank(rank: int, world: int, port: int, spec: ModelSpec, mbs: int, m
         for name, vpp in SCHEDULES:
             stages = [PipelineStage(_Scale(), rank + world * chunk, world * vpp, torch.device("cpu"))
                       for chunk in range(vpp)]
-            schedule = (Schedule1F1B(stages[0], microbatches, loss_fn=_loss) if vpp == 1
+            single = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}.get(name)
+            schedule = (single(stages[0], microbatches, loss_fn=_loss) if single is not None
                         else ScheduleInterleaved1F1B(stages, microbatches, loss_fn=_loss))
             times = []
             for _ in range(WARMUP_STEPS + TIMED_STEPS):

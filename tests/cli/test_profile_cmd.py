@@ -68,4 +68,4 @@ def test_real_run_writes_a_valid_profile_and_prints_json(tmp_path):
     assert {(t.zero, t.dp, t.micro_batch_size) for t in prof.fsdp_blocks} == {
         (z, 2, m) for z in (2, 3) for m in (1, 2)}  # FSDP2-wrapped blocks over both ranks
     assert prof.pipeline is not None and prof.pipeline.message_bytes == 1 * 64 * 64 * 4  # mbs 1 x seq x hidden
-    assert [r.schedule for r in prof.pipeline.runs] == ["1f1b", "interleaved"]
+    assert [r.schedule for r in prof.pipeline.runs] == ["1f1b", "gpipe", "interleaved"]

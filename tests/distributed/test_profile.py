@@ -141,8 +141,8 @@ def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_pipeli
                       "pipeline hand-offs x2"]
     hand_offs = pipeline.calibration()
     assert hand_offs.message_bytes == GPT.seq_len * GPT.hidden_size * 4
-    assert [(r.schedule, r.vpp, r.receives_per_rank) for r in hand_offs.runs] == [("1f1b", 1, 16),
-                                                                                ("interleaved", 2, 48)]
+    assert [(r.schedule, r.vpp, r.receives_per_rank) for r in hand_offs.runs] == [
+        ("1f1b", 1, 16), ("gpipe", 1, 16), ("interleaved", 2, 48)]
     assert all(r.step_time_s > 0 for r in hand_offs.runs)
     assert sorted(f.op for f in comm.fits()) == ["all_gather", "all_reduce", "reduce_scatter", "send_recv"]
     assert comm.after_compute[0] == AFTER_COMPUTE_BYTES and comm.after_compute[1] > 0

@@ -315,8 +315,14 @@ def test_measured_pipeline_hand_offs_price_each_schedule_kind_and_move_with_the_
     # 1 ms per hand-off under 1F1B (16 ms / 16), 1.5 ms interleaved (72 / 48), measured at 8 KiB; moved along
     # the fit's 1 ns per byte to the activation's size
     assert p2p(timed, Schedule.ONE_F_ONE_B, 1, 1) == pytest.approx(1e-3 + (act - 8192) * 1e-9)
+    # without a GPipe run (profiles written before it was timed) GPipe pays 1F1B's
     assert p2p(timed, Schedule.GPIPE, 1, 2) == pytest.approx(1e-3 + (2 * act - 8192) * 1e-9)
     assert p2p(timed, Schedule.INTERLEAVED, 2, 1) == pytest.approx(1.5e-3 + (act - 8192) * 1e-9)
+    # GPipe's own run, once the profile has one: 1.25 ms per hand-off (20 ms / 16)
+    gpipe = PipelineRun(schedule="gpipe", vpp=1, num_microbatches=16, receives_per_rank=16, step_time_s=0.020)
+    with_gpipe = synthetic_profile().model_copy(update={"pipeline": cal.model_copy(update={"runs": runs + [gpipe]})})
+    assert p2p(with_gpipe, Schedule.GPIPE, 1, 1) == pytest.approx(1.25e-3 + (act - 8192) * 1e-9)
+    assert p2p(with_gpipe, Schedule.ONE_F_ONE_B, 1, 1) == pytest.approx(1e-3 + (act - 8192) * 1e-9)
     # a measured hand-off below the fit's own time is floored at the fit
     cheap = cal.model_copy(update={"runs": [runs[0].model_copy(update={"step_time_s": 1e-4})]})
     assert p2p(synthetic_profile().model_copy(update={"pipeline": cheap}), Schedule.ONE_F_ONE_B, 1, 1) == (
