@@ -12,10 +12,12 @@ sender that is still computing, and each action adds the schedule's Python aroun
 1F1B, a GPipe and an interleaved (v2) run are timed, and each gives its schedule's cost per hand-off
 (planner/profiled.py pipeline_transfer_s moves it to other message sizes along the send_recv fit). GPipe has
 1F1B's hand-offs but not its cost: with the same 16 micro-batches of tiny-gpt's activation on 2 ranks it took
-12.5-13.0 ms a step against 1F1B's 6.6-8.3 (3 rounds; 0.8 against 0.4-0.5 ms per hand-off; 0.50 against 0.31
-in a profile), and GPipe plans of tiny-gpt ran 8-18 % over a price that charged them 1F1B's hand-offs. In its
-steady state torch's Schedule1F1B posts each send in one batch with the next receive and waits once; ScheduleGPipe
-waits for every receive on its own and leaves its sends outstanding until the phase ends.
+12.5-13.0 ms a step against 1F1B's 6.6-8.3 (3 rounds), and in six profiles 0.50-0.91 ms a hand-off against
+1F1B's 0.31-0.52 (more in all six). In its steady state torch's Schedule1F1B posts each send in one batch with
+the next receive and waits once; ScheduleGPipe waits for every receive on its own and leaves its sends
+outstanding until the phase ends. That is part of what GPipe costs on CPU: its plans of tiny-gpt ran 8-18 % over
+a price with 1F1B's hand-offs, and still 11-30 % over with their own (traced: rank 0 waited 16-19 ms a step
+under GPipe against 7-11 under 1F1B at 8 micro-batches; the two runs here price 0.3-3.8 ms of the difference).
 """
 from __future__ import annotations
 
