@@ -188,11 +188,9 @@ class PipelineCalibration(Strict):
     def receive_s(self, schedule: str) -> float:
         """Seconds per hand-off under ``schedule``'s own run. Profiles written before GPipe was timed price it
         at 1F1B's (the same hand-offs per chunk, posted apart); any run where the kind's is missing."""
-        for kind in (schedule, "1f1b" if schedule == "gpipe" else schedule):
-            run = next((r for r in self.runs if r.schedule == kind), None)
-            if run is not None:
-                return run.receive_s
-        return self.runs[0].receive_s
+        by_kind = {r.schedule: r for r in self.runs}
+        run = by_kind.get(schedule) or by_kind.get("1f1b" if schedule == "gpipe" else schedule) or self.runs[0]
+        return run.receive_s
 
 
 class Profile(Strict):
