@@ -33,6 +33,14 @@ from runtime.profile_layers import (LayerCase, TimingConfig, check_tp, layer_pro
 
 KINDS: tuple[LayerKind, ...] = ("embedding", "block", "head")
 
+SHARDED_REPEATS = 24
+"""Samples of a block under DTensor TP or FSDP2 (runtime/profile_tp.py) per micro-batch size (at most twice the
+layers' repeats, so quick test timings stay quick). A wrapped block's calls wait on gloo and spread 25-50 % (cv)
+while the same plain blocks timed in between moved under 5 %, so its own calls, not the machine, set how far one
+profile's figure lands from the next: with 9 samples a ZeRO-2 block of tiny-gpt came out 2.5-4.5 ms at mbs 1 in
+three launches, with 30 2.8-3.5 (the priced plans of `mpplan validate` followed: ZeRO-2 and TP-2 ran 17-34 %
+under their price in runs whose profile drew high). 24 costs ~3.5 s of the profile more than 9."""
+
 Progress = Callable[[str], None]
 """Called with a short label each time one step (a layer case, a collective) is done."""
 
@@ -120,14 +128,14 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
              for kind in KINDS]
     # on CPU every rank's core is busy in a run, so the layers are timed on all of them at once
     concurrent = ranks if device == "cpu" else 1
-    # blocks under DTensor / FSDP2 take several times a plain block: fewer samples keep their spread small enough
-    sharded = replace(timing, warmup=min(timing.warmup, 1), repeats=min(timing.repeats, 9))
+    # blocks under DTensor / FSDP2: one warm-up sample, and more samples than a plain layer (SHARDED_REPEATS)
+    sharded = replace(timing, warmup=min(timing.warmup, 1), repeats=min(SHARDED_REPEATS, 2 * timing.repeats))
     tp_worlds, fsdp = tp_blocks_to_time(device, tp_degrees, ranks), times_fsdp_blocks(device, tp_degrees, ranks)
     # ... and the sharded blocks over all ranks, then the collectives, next in the same processes (two launches
     # fewer); sharded blocks over fewer ranks get processes of their own. The sharded blocks come before the
-    # collectives: timed after them, DTensor TP blocks took 15-20 % longer and FSDP2 ZeRO-2 blocks ~10 % longer
-    # (tiny-gpt, 2 ranks, mbs 1/2/4, two alternating pairs of launches: TP 11.7-14.3 ms a block after, 9.3-13.0
-    # before; 11.1-14.7 in processes of their own), and a run's processes have not moved 64 MiB messages either
+    # collectives: timed after them, DTensor TP blocks took 12-27 % longer (tiny-gpt, 2 ranks, mean over mbs 1/2/4
+    # in four alternating pairs of launches: 13.1-14.9 ms a block after, 10.8-13.0 before); FSDP2 ZeRO-2 blocks
+    # showed no steady difference (0.81-1.13x). A run's processes have not moved 64 MiB messages either
     bench = CollectiveBench(ranks, device, comm, step) if concurrent > 1 else None
     over_all = ShardedBench(spec, ranks, ranks in tp_worlds, fsdp, micro_batch_sizes, sharded, step)
     optimizer = OptimizerBench(spec, mixed_precision=device == "cuda")
