@@ -42,8 +42,21 @@ FRAGMENTATION = 0.05
 # under-prediction there was 6 % (tests/distributed/test_memory_model.py), and the meter over-counts TP plans by
 # up to ~10 %, so a plan is called feasible only with this share of the limit left free.
 CPU_MODEL_HEADROOM = 0.10
-# torch DDP's default bucket_cap_mb (25 MiB): gradients are all-reduced in buckets of this size.
+# torch DDP's default bucket_cap_mb (25 MiB): gradients are all-reduced in buckets of this size ...
 DDP_BUCKET_BYTES = 25 * 2**20
+# ... except the first, which DDP caps at torch.distributed._DEFAULT_FIRST_BUCKET_BYTES (1 MiB) so that the first
+# gradients backward produces go out early (torch/nn/parallel/distributed.py; measured with torch 2.13: tiny-gpt's
+# 1,747,456 gradient bytes went as buckets of 1,048,576 + 698,880 once DDP rebuilt them after the first step).
+DDP_FIRST_BUCKET_BYTES = 2**20
+
+
+def gradient_buckets(grad_bytes: float, first_bucket: bool) -> list[float]:
+    """Bytes of each gradient all-reduce of a step: the whole split evenly into pieces of at most DDP_BUCKET_BYTES,
+    after one of DDP_FIRST_BUCKET_BYTES where ``first_bucket`` (torch DDP)."""
+    head = [min(grad_bytes, DDP_FIRST_BUCKET_BYTES)] if first_bucket and grad_bytes > DDP_FIRST_BUCKET_BYTES else []
+    rest = grad_bytes - sum(head)
+    pieces = max(1, math.ceil(rest / DDP_BUCKET_BYTES))
+    return head + [rest / pieces] * pieces
 
 
 def recompute_transient_bytes(block: LayerCost, mode: Recompute) -> float:
@@ -214,8 +227,9 @@ class Estimator:
         rank_params = self.rank_params_upper(c)
         grad_bytes = rank_params * (self.traits.grad_reduce_bytes or self.train.grad_bytes)
         weight_bytes = rank_params * self.train.weight_bytes
-        # Each collective pays its latency: DDP reduces gradients in buckets of DDP_BUCKET_BYTES, FSDP2 gathers and
-        # reduce-scatters once per wrapped unit (every block on the rank, plus the root with embedding/head).
+        # Each collective pays its latency: gradients are all-reduced in buckets (gradient_buckets; torch DDP, which
+        # wraps a tp-1 pp-1 rank at zero 0/1 in runtime/parallel/data.py, sends a small first one), FSDP2 gathers
+        # and reduce-scatters once per wrapped unit (every block on the rank, plus the root with embedding/head).
         def split(op: str, nbytes: float, pieces: int) -> float:
             return pieces * along(MeshAxis.DP, op, nbytes / pieces)
 
@@ -223,11 +237,11 @@ class Estimator:
         # costs a collective more on CPU than back to back (measured by a profile; 0 otherwise): once per DDP
         # bucket and per FSDP2 unit (ZeRO-2 plans of tiny-gpt ran 15-24 ms a step over their price at 2 and 8
         # micro-batches alike, about its 9 units x 2 ms)
-        buckets = max(1, math.ceil(grad_bytes / DDP_BUCKET_BYTES))
+        buckets = gradient_buckets(grad_bytes, self.traits.torch_distributed and c.tp == 1 and c.pp == 1)
         units = -(-self.model.num_layers // c.pp) + 1
-        reductions_after_compute = units if c.zero >= 2 else buckets + (c.zero == 1)
+        reductions_after_compute = units if c.zero >= 2 else len(buckets) + (c.zero == 1)
         if c.zero <= 1:
-            dp_step = split("all_reduce", grad_bytes, buckets)
+            dp_step = sum(along(MeshAxis.DP, "all_reduce", b) for b in buckets)
             if c.zero == 1:  # updated shards are gathered back after the sharded optimizer step
                 dp_step += along(MeshAxis.DP, "all_gather", weight_bytes)
         if c.zero >= 2:

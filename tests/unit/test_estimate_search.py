@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from planner.estimate import Estimator, inflight_per_stage
+from planner.estimate import DDP_BUCKET_BYTES, DDP_FIRST_BUCKET_BYTES, Estimator, gradient_buckets, inflight_per_stage
 from planner.plan import Plan, Schedule
 from planner.schedule import inflight_per_stage as exact_inflight, validate_schedule
 from planner.search import Pins, solve
@@ -124,3 +124,15 @@ def test_pruning_bounds_never_drop_the_best_plan():
     pruned = run_solve(req, pins, top_k=3, exhaustive=True).plans[0]
     every = min(run_solve(req, pins, top_k=None).plans, key=lambda p: p.predicted.step_time_s)
     assert pruned.predicted.step_time_s == pytest.approx(every.predicted.step_time_s)
+
+
+def test_ddp_reduces_a_small_first_bucket_then_full_ones():
+    mib = 2**20
+    assert DDP_FIRST_BUCKET_BYTES == mib and DDP_BUCKET_BYTES == 25 * mib
+    # tiny-gpt's gradients: torch 2.13 DDP rebuilt its buckets as 1,048,576 + 698,880 bytes
+    assert gradient_buckets(1_747_456, first_bucket=True) == [mib, 698_880]
+    assert gradient_buckets(1_747_456, first_bucket=False) == [1_747_456]
+    assert gradient_buckets(0.5 * mib, first_bucket=True) == [0.5 * mib]  # fits the first bucket alone
+    big = gradient_buckets(mib + 60 * mib, first_bucket=True)  # the rest in even pieces of at most 25 MiB
+    assert big == [mib, 20 * mib, 20 * mib, 20 * mib]
+    assert gradient_buckets(60 * mib, first_bucket=False) == [20 * mib] * 3
