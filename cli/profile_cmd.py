@@ -74,6 +74,15 @@ def summary_tables(profile: Profile) -> list[Table]:
             hand_offs.add_row(r.schedule, str(r.vpp), str(r.num_microbatches), str(r.receives_per_rank),
                               f"{r.step_time_s * 1e3:.1f}", f"{r.receive_s * 1e3:.2f}")
         tables.append(hand_offs)
+    if profile.ddp_sync is not None:
+        d = profile.ddp_sync
+        sync = Table(title=f"DDP gradient sync (whole model, mbs {d.micro_batch_size}, {d.dp} ranks)",
+                     title_justify="left")
+        for col in ("step ms synced", "step ms unsynced", "excess ms", "buckets KiB"):
+            sync.add_column(col, justify="right")
+        sync.add_row(f"{d.synced_s * 1e3:.2f}", f"{d.unsynced_s * 1e3:.2f}", f"{d.excess_s * 1e3:.2f}",
+                     " + ".join(str(round(b / 1024)) for b in d.bucket_bytes))
+        tables.append(sync)
     return tables
 
 
@@ -104,7 +113,7 @@ def profile_command(
         spec = load_model(model, seq_len)
         micro_batch_sizes, tp_degrees = parse_int_list("--mbs", mbs), parse_int_list("--tp", tp)
         from runtime.profile import (check_request, count_steps, profile_model,  # torch from here on
-                                     times_fsdp_blocks, times_pipeline, tp_blocks_to_time)
+                                     times_ddp, times_fsdp_blocks, times_pipeline, tp_blocks_to_time)
 
         check_request(spec, device, micro_batch_sizes, tp_degrees, ranks)
     except SpecError as e:
@@ -115,7 +124,8 @@ def profile_command(
                   console=console, disable=not console.is_terminal, transient=True) as bar:
         task = bar.add_task(f"profiling {spec.name}", total=count_steps(
             ranks, tp_to_time=tp_blocks_to_time(device, tp_degrees, ranks),
-            fsdp=times_fsdp_blocks(device, tp_degrees, ranks), pipeline=times_pipeline(device, ranks)))
+            fsdp=times_fsdp_blocks(device, tp_degrees, ranks), pipeline=times_pipeline(device, ranks),
+            ddp=times_ddp(device, ranks)))
         try:
             profile = profile_model(spec, device, micro_batch_sizes, tp_degrees, ranks,
                                     progress=lambda label: bar.update(task, advance=1, description=label))

@@ -119,6 +119,7 @@ class AnalyticCosts:
     optimizer_s_per_param = 0.0
     runtime_fixed_bytes = 0
     collective_after_compute_s = 0.0
+    ddp_bucket_after_compute_s: float | None = None
 
     def layer_overhead_fraction(self, mbs: int) -> float:
         """What a whole-model micro-batch adds to its layers, as a share of them (measured by a profile)."""

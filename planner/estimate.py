@@ -234,12 +234,17 @@ class Estimator:
             return pieces * along(MeshAxis.DP, op, nbytes / pieces)
 
         # every gradient reduction is issued as a rank's backward hands it over, i.e. right after compute, which
-        # costs a collective more on CPU than back to back (measured by a profile; 0 otherwise): once per DDP
-        # bucket and per FSDP2 unit (ZeRO-2 plans of tiny-gpt ran 15-24 ms a step over their price at 2 and 8
-        # micro-batches alike, about its 9 units x 2 ms)
-        buckets = gradient_buckets(grad_bytes, self.traits.torch_distributed and c.tp == 1 and c.pp == 1)
+        # costs a collective more on CPU than back to back (measured by a profile; 0 otherwise): once per bucket
+        # and per FSDP2 unit (ZeRO-2 plans of tiny-gpt ran 15-24 ms a step over their price at 2 and 8
+        # micro-batches alike, about its 9 units x 2 ms); DDP's buckets at what a timed DDP step paid, where the
+        # profile has one (planner/profiled.py ddp_bucket_after_compute_s)
+        ddp = self.traits.torch_distributed and c.tp == 1 and c.pp == 1 and c.zero <= 1
+        buckets = gradient_buckets(grad_bytes, ddp)
         units = -(-self.model.num_layers // c.pp) + 1
-        reductions_after_compute = units if c.zero >= 2 else len(buckets) + (c.zero == 1)
+        after = self.costs.collective_after_compute_s
+        per_bucket = self.costs.ddp_bucket_after_compute_s if ddp else None
+        after_compute = (units * after if c.zero >= 2
+                         else len(buckets) * (after if per_bucket is None else per_bucket) + (c.zero == 1) * after)
         if c.zero <= 1:
             dp_step = sum(along(MeshAxis.DP, "all_reduce", b) for b in buckets)
             if c.zero == 1:  # updated shards are gathered back after the sharded optimizer step
@@ -256,7 +261,7 @@ class Estimator:
         if measured is not None and c.tp == 1:
             dp_step = split("reduce_scatter", grad_bytes, units)
             per_mb = measured * units
-        dp_step += reductions_after_compute * self.costs.collective_after_compute_s
+        dp_step += after_compute
         return Comm(tp_block_fwd_s=tp_block, tp_block_bwd_s=tp_block, tp_edge_fwd_s=one if c.tp > 1 else 0.0,
                     p2p_s=p2p, dp_step_s=dp_step, dp_per_microbatch_s=per_mb)
 

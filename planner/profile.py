@@ -177,6 +177,24 @@ class PipelineRun(Strict):
         return self.step_time_s / self.receives_per_rank
 
 
+class DDPSyncTiming(Strict):
+    """The whole model's forward + backward under torch DDP over ``dp`` ranks with gradient sync and without
+    (runtime/profile_ddp.py): what DDP's reduction costs a step as the runtime runs it."""
+
+    micro_batch_size: int = Field(gt=0)
+    dp: int = Field(ge=2)
+    synced_s: float = Field(gt=0)
+    """Median step with gradient sync, the slowest rank's."""
+    unsynced_s: float = Field(gt=0)
+    """Median step under no_sync, the slowest rank's."""
+    bucket_bytes: list[int] = Field(min_length=1)
+    """DDP's buckets after its rebuild, in the order it sends them."""
+
+    @property
+    def excess_s(self) -> float:
+        return max(0.0, self.synced_s - self.unsynced_s)
+
+
 class PipelineCalibration(Strict):
     """What one hand-off between pipeline ranks costs in the real pipelining runtime (runtime/profile_pipeline.py):
     the stages only scale their input, so a step is its hand-offs."""
@@ -216,6 +234,9 @@ class Profile(Strict):
     """CPU, 2+ ranks: what a collective issued right after compute pays beyond its fit's mean call
     (runtime/profile_comm.py AFTER_COMPUTE_BYTES); the planner charges it to every gradient reduction of a step.
     None where not measured (then nothing is added)."""
+    ddp_sync: DDPSyncTiming | None = None
+    """CPU, 2+ ranks: DDP's gradient reduction timed in a real step; where present it prices DDP's buckets instead
+    of collective_after_compute_s. None in profiles taken without it."""
     pace: float | None = Field(default=None, ge=1)
     """How much slower than its fast pace the slowest process ran on average while the layers were timed (mean
     over fast seconds per call, runtime/profile_layers.py machine_pace); the layers' fwd_s / bwd_s include it.

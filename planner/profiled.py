@@ -32,6 +32,7 @@ class ProfiledCosts:
         self.microbatch_overhead_s = rt.microbatch_overhead_s if rt else 0.0
         # a gradient reduction meets ranks that were computing: what that adds to a collective (0 if not measured)
         self.collective_after_compute_s = profile.collective_after_compute_s or 0.0
+        self.ddp_bucket_after_compute_s = self._ddp_bucket_after_compute_s()
         self.block = lru_cache(maxsize=None)(self._block)
         self.embedding = lru_cache(maxsize=None)(self._embedding)
         self.head = lru_cache(maxsize=None)(self._head)
@@ -71,6 +72,17 @@ class ProfiledCosts:
                   for real in self.profile.fsdp_blocks if (real.zero, real.dp) == (zero, dp)
                   if (plain := self.profile.layer("block", 1, real.micro_batch_size)) is not None]
         return max(0.0, statistics.fmean(extras)) if extras else None
+
+    def _ddp_bucket_after_compute_s(self) -> float | None:
+        """What each DDP bucket's all-reduce costs beyond its fit's mean call (expected_s), from the timed DDP step
+        (runtime/profile_ddp.py): the step's excess less its buckets' calls, shared evenly, floored at 0; None
+        when the profile has no DDP timing or no all-reduce fit over its ranks."""
+        ddp = self.profile.ddp_sync
+        fit = self.profile.collective("all_reduce", ddp.dp) if ddp else None
+        if ddp is None or fit is None:
+            return None
+        calls = sum(fit.expected_s(b) for b in ddp.bucket_bytes)
+        return max(0.0, (ddp.excess_s - calls) / len(ddp.bucket_bytes))
 
     def pipeline_transfer_s(self, nbytes: float, schedule: str) -> float | None:
         """One pipeline hand-off of ``nbytes`` as the pipelining runtime pays it under ``schedule``: the

@@ -25,6 +25,7 @@ from planner.profile import DeviceInfo, LayerKind, Profile
 from planner.specs import ModelSpec, Precision, SpecError
 from runtime.profile_comm import CollectiveBench, CommConfig, group_sizes, measure_collectives
 from runtime.profile_concurrent import measure_layers_concurrently
+from runtime.profile_ddp import DDPBench
 from runtime.profile_pipeline import PipelineBench
 from runtime.profile_runtime import OptimizerBench, calibrate_runtime
 from runtime.profile_tp import ShardedBench, measure_sharded_blocks
@@ -61,12 +62,19 @@ def times_pipeline(device: str, ranks: int) -> bool:
     return device == "cpu" and ranks >= 2
 
 
+def times_ddp(device: str, ranks: int) -> bool:
+    """DDP's gradient sync is timed in a whole-model step over all ranks on CPU (2+ ranks; on CUDA it overlaps
+    backward and the planner prices the collectives alone)."""
+    return device == "cpu" and ranks >= 2
+
+
 def count_steps(ranks: int, timing: TimingConfig = TimingConfig(), comm: CommConfig = CommConfig(),
-                tp_to_time: Sequence[int] = (), fsdp: bool = False, pipeline: bool = False) -> int:
+                tp_to_time: Sequence[int] = (), fsdp: bool = False, pipeline: bool = False,
+                ddp: bool = False) -> int:
     """How many times profile_model calls its progress callback (for a progress bar's total)."""
     sharded_worlds = {*tp_to_time, *([ranks] if fsdp else [])}
     return (timing.warmup + timing.repeats + 1 + len(group_sizes(ranks)) * comm.rounds + len(sharded_worlds)
-            + int(pipeline) + 1)
+            + int(pipeline) + int(ddp) + 1)
 
 
 def check_request(spec: ModelSpec, device: str, micro_batch_sizes: Sequence[int], tp_degrees: Sequence[int],
@@ -141,9 +149,12 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     optimizer = OptimizerBench(spec, mixed_precision=device == "cuda")
     # CPU: a pipeline hand-off as torch.distributed.pipelining pays it, at the smallest micro-batch's activation
     pipeline = PipelineBench(spec, ranks, min(micro_batch_sizes), step) if times_pipeline(device, ranks) else None
+    # CPU: DDP's gradient all-reduce as a whole-model step pays it (runtime/profile_ddp.py)
+    ddp = DDPBench(spec, ranks, min(micro_batch_sizes), step) if times_ddp(device, ranks) else None
     with one_thread():
         if concurrent > 1:
-            then = [*([over_all] if over_all.wraps else []), bench, *([pipeline] if pipeline else []), optimizer]
+            then = [*([over_all] if over_all.wraps else []), bench, *([ddp] if ddp else []),
+                    *([pipeline] if pipeline else []), optimizer]
             layers, pace = measure_layers_concurrently(cases, timing, concurrent, on_round=step, then=then)
         else:
             layers, pace = layer_profiles(cases, [time_cases(cases, timing, sync, on_round=step)])
@@ -167,4 +178,4 @@ def profile_model(spec: ModelSpec, device: str = "cpu", micro_batch_sizes: Seque
     return Profile(model=spec, precision=precision, device=info, layers=layers, collectives=collectives,
                    optimizer_bytes_per_param=optimizer_bytes, runtime=runtime, tp_blocks=tp_blocks,
                    fsdp_blocks=fsdp_blocks, pipeline=pipeline.calibration() if pipeline else None, pace=pace,
-                   collective_after_compute_s=after_compute)
+                   collective_after_compute_s=after_compute, ddp_sync=ddp.result if ddp else None)

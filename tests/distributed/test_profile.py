@@ -121,9 +121,10 @@ def test_wrapped_blocks_are_timed_as_a_chain_and_priced_per_block(monkeypatch):
     assert all(layer.weight.grad is not None for layer in chain)  # the backward ran through every block
 
 
-def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_pipeline_and_adamw_in_them():
+def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_ddp_pipeline_and_adamw_in_them():
     from runtime.profile_comm import AFTER_COMPUTE_BYTES, CollectiveBench
     from runtime.profile_concurrent import measure_layers_concurrently
+    from runtime.profile_ddp import DDPBench
     from runtime.profile_pipeline import PipelineBench
     from runtime.profile_runtime import OptimizerBench
     from runtime.profile_tp import ShardedBench
@@ -133,12 +134,17 @@ def test_layers_timed_on_two_processes_at_once_then_collectives_tp_blocks_pipeli
     blocks = ShardedBench(GPT, 2, True, False, [1], QUICK, labels.append)
     optimizer = OptimizerBench(GPT, mixed_precision=False)
     pipeline = PipelineBench(GPT, 2, 1, labels.append)
+    ddp = DDPBench(GPT, 2, 2, labels.append)
     (both,), pace = measure_layers_concurrently([case("block")], QUICK, 2, on_round=rounds.append,
-                                                then=[comm, blocks, pipeline, optimizer])
+                                                then=[comm, blocks, ddp, pipeline, optimizer])
     (alone,) = measure_layers([case("block")], QUICK, lambda: None)
     assert len(rounds) == QUICK.warmup + QUICK.repeats  # one process reports progress
     assert labels == ["collectives x2 round 1/2", "collectives x2 round 2/2", "tp blocks x2",
-                      "pipeline hand-offs x2"]
+                      "DDP gradient sync x2", "pipeline hand-offs x2"]
+    sync = ddp.result
+    assert (sync.micro_batch_size, sync.dp) == (2, 2) and sync.synced_s > 0 and sync.unsynced_s > 0
+    # DDP's buckets (after its rebuild) hold every fp32 gradient of the whole model
+    assert sum(sync.bucket_bytes) == 4 * (GPT.num_layers * GPT.block_params + GPT.embedding_params + GPT.head_params)
     hand_offs = pipeline.calibration()
     assert hand_offs.message_bytes == GPT.seq_len * GPT.hidden_size * 4
     assert [(r.schedule, r.vpp, r.receives_per_rank) for r in hand_offs.runs] == [

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from planner.memory import loss_backward_bytes
 from planner.presets import MODELS
 from planner.collectives import fit_collective
-from planner.profile import DeviceInfo, LayerProfile, Profile, RuntimeCalibration, RuntimeRun
+from planner.profile import DDPSyncTiming, DeviceInfo, LayerProfile, Profile, RuntimeCalibration, RuntimeRun
 from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute
@@ -225,12 +225,16 @@ def test_cpu_gradient_reduction_is_not_hidden_behind_backward(tmp_path):
     assert one_mb.predicted.step_time_s > per_rank_work + 1.8e-3
 
 
+def one_f_one_b_plans(tmp_path, prof: Profile) -> dict:
+    return {(p.parallel.tp, p.parallel.pp, p.parallel.dp, p.micro_batch_size, p.zero, p.recompute): p
+            for p in candidate_plans(request(tmp_path, prof), recompute_modes=(Recompute.NONE,))
+            if p.schedule == "1f1b"}
+
+
 def test_each_gradient_reduction_pays_what_a_collective_after_compute_costs(tmp_path):
     def plans(after_compute_s):
-        prof = synthetic_profile().model_copy(update={"collective_after_compute_s": after_compute_s})
-        return {(p.parallel.tp, p.parallel.pp, p.parallel.dp, p.micro_batch_size, p.zero, p.recompute): p
-                for p in candidate_plans(request(tmp_path, prof), recompute_modes=(Recompute.NONE,))
-                if p.schedule == "1f1b"}
+        return one_f_one_b_plans(tmp_path, synthetic_profile().model_copy(
+            update={"collective_after_compute_s": after_compute_s}))
 
     plain, woken = plans(None), plans(0.002)
     step = {key: woken[key].predicted.step_time_s - p.predicted.step_time_s for key, p in plain.items()}
@@ -240,6 +244,26 @@ def test_each_gradient_reduction_pays_what_a_collective_after_compute_costs(tmp_
     units = TINY.num_layers + 1  # FSDP2 reduce-scatters every block and the root unit
     assert step[(1, 1, 2, 4, 2, "none")] == pytest.approx(units * 0.002, rel=0.02)
     assert step[(1, 2, 1, 4, 0, "none")] == 0 and step[(2, 1, 1, 4, 0, "none")] == 0  # no data parallelism
+
+
+def test_ddp_buckets_are_priced_from_a_timed_ddp_step_where_the_profile_has_one(tmp_path):
+    base = synthetic_profile().model_copy(update={"collective_after_compute_s": 0.002})
+    fit, buckets = base.collective("all_reduce", 2), [2**20, 698_880]
+    calls = sum(fit.expected_s(b) for b in buckets)
+    # the synced step took its buckets' calls and 0.5 ms a bucket more than the unsynced one
+    timed = DDPSyncTiming(micro_batch_size=1, dp=2, synced_s=0.010 + calls + 2 * 5e-4, unsynced_s=0.010,
+                          bucket_bytes=buckets)
+    before, after = one_f_one_b_plans(tmp_path, base), one_f_one_b_plans(tmp_path, base.model_copy(
+        update={"ddp_sync": timed}))
+    step = {key: after[key].predicted.step_time_s - p.predicted.step_time_s for key, p in before.items()}
+    # DDP (tp 1, pp 1, zero 0): 2 buckets at 0.5 ms instead of the synthetic benchmark's 2 ms
+    assert step[(1, 1, 2, 4, 0, "none")] == pytest.approx(2 * (5e-4 - 0.002), rel=0.02)
+    assert step[(1, 1, 2, 4, 2, "none")] == 0  # FSDP2's units keep the after-compute benchmark's price
+    # a DDP step faster than its buckets' calls adds nothing beyond them
+    quick = timed.model_copy(update={"synced_s": 0.010 + calls / 2})
+    floored = one_f_one_b_plans(tmp_path, base.model_copy(update={"ddp_sync": quick}))
+    assert (floored[(1, 1, 2, 4, 0, "none")].predicted.step_time_s - before[(1, 1, 2, 4, 0, "none")].predicted
+            .step_time_s) == pytest.approx(-2 * 0.002, rel=0.02)
 
 
 def test_repeats_combine_to_the_median_and_report_their_spread():
