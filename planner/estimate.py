@@ -320,15 +320,17 @@ class Estimator:
             f = n * (block.fwd_s + comm.tp_block_fwd_s)
             b = sum(k * (block.bwd_s + block.recompute_extra_s.get(m, 0.0) + comm.tp_block_bwd_s
                          + (comm.tp_block_fwd_s if m == Recompute.FULL else 0.0)) for m, k in counts.items())
-            b += n * comm.dp_per_microbatch_s / self.model.num_layers * c.pp
+            # ZeRO 2/3's per-micro-batch gathers: FSDP2's wrapper as timed around real blocks, or collectives
+            gather = n * comm.dp_per_microbatch_s / self.model.num_layers * c.pp
             if j == 0:
                 f, b = f + emb.fwd_s + comm.tp_edge_fwd_s, b + emb.bwd_s + comm.tp_edge_fwd_s
             if j == stages - 1:
                 f, b = f + head.fwd_s + comm.tp_edge_fwd_s, b + head.bwd_s + comm.tp_edge_fwd_s
             # what a whole-model step adds to its layers timed alone, as a share of them (calibrated on tp-1
-            # layers; a profile's TP blocks were timed inside the DTensor runtime already; 0 without)
+            # layers; a profile's TP blocks were timed inside the DTensor runtime already, and FSDP2's wrapper
+            # around the blocks, so the gathers take no share; 0 without)
             share = self.costs.layer_overhead_fraction(mbs) if c.tp == 1 else 0.0
-            f_extra, b_extra = f * share, b * share
+            f_extra, b_extra = f * share, b * share + gather
             if self.device == "cpu":  # gloo moves the tensor on the receiving rank's own core: it cannot compute
                 f_extra += comm.p2p_s if j > 0 else 0.0            # ... while it waits for the activation
                 b_extra += comm.p2p_s if j < stages - 1 else 0.0   # ... or for the gradient

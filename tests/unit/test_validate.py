@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from planner.memory import loss_backward_bytes
 from planner.presets import MODELS
 from planner.collectives import fit_collective
-from planner.profile import DDPSyncTiming, DeviceInfo, LayerProfile, Profile, RuntimeCalibration, RuntimeRun
+from planner.profile import (DDPSyncTiming, DeviceInfo, FSDPBlockTiming, LayerProfile, Profile, RuntimeCalibration,
+                             RuntimeRun)
 from planner.search import Pins
 from planner.solve import SolveRequest, run_solve
 from planner.specs import Recompute
@@ -264,6 +265,23 @@ def test_ddp_buckets_are_priced_from_a_timed_ddp_step_where_the_profile_has_one(
     floored = one_f_one_b_plans(tmp_path, base.model_copy(update={"ddp_sync": quick}))
     assert (floored[(1, 1, 2, 4, 0, "none")].predicted.step_time_s - before[(1, 1, 2, 4, 0, "none")].predicted
             .step_time_s) == pytest.approx(-2 * 0.002, rel=0.02)
+
+
+def test_fsdp2_wrapper_time_is_paid_per_unit_and_micro_batch_without_the_layers_overhead_share(tmp_path):
+    def plans(extra_s: float) -> dict:
+        blocks = [FSDPBlockTiming(micro_batch_size=mbs, fwd_s=2e-4 * mbs + extra_s, bwd_s=4e-4 * mbs, fwd_cv=0.0,
+                                  bwd_cv=0.0, zero=2, dp=2) for mbs in (1, 2, 4)]
+        return one_f_one_b_plans(tmp_path, synthetic_profile(CALIBRATION).model_copy(update={"fsdp_blocks": blocks}))
+
+    low, high = plans(1e-3), plans(2e-3)
+    units = TINY.num_layers + 1  # every block and the root unit
+    for mbs, microbatches in ((1, 8), (4, 2)):
+        key = (1, 1, 2, mbs, 2, "none")
+        assert low[key].num_microbatches == microbatches
+        # the calibration's share of the layers (> 0 here) is not charged on the wrapper's own time: it was timed
+        # around real blocks already
+        assert high[key].predicted.step_time_s - low[key].predicted.step_time_s == pytest.approx(
+            units * microbatches * 1e-3, rel=1e-6)
 
 
 def test_repeats_combine_to_the_median_and_report_their_spread():
