@@ -2,9 +2,9 @@
 
 The layer profile (runtime/profile_layers.py) times each layer alone. A training step also pays the optimizer,
 zero_grad, the loop and the loss per micro-batch, and its peak holds more than the saved activations (backward's
-activation gradients, kernels' workspaces). Three single-rank runs of the whole model with the real runtime
-(runtime/launch.py, runtime/train.py, no parallelism) measure these; the parallel plans `mpplan validate` checks
-are not among them.
+activation gradients, kernels' workspaces). Single-rank runs of the whole model with the real runtime
+(runtime/launch.py, runtime/train.py, no parallelism) of three shapes measure these (the first two alternating,
+CALIBRATION_PAIRS times); the parallel plans `mpplan validate` checks are not among them.
 
     t(mbs, m) = step + m * (layers(mbs) + per_microbatch) + optimizer      runs (mbs0, 1) and (mbs0, 4)
     peak(mbs) = fixed + static + factor * saved_activations(mbs) + loss(mbs)   runs (mbs0, 1) and (mbs1, 1)
@@ -31,12 +31,16 @@ from planner.specs import ModelSpec, Precision, Recompute, TrainSpec, load_clust
 from runtime.launch import Job, spawn_local
 from runtime.model import Transformer
 
-CALIBRATION_STEPS = 24
-"""Steps of each calibration run. The per-micro-batch overhead is a difference of two runs' step times, and with 8
-steps it came out 0.35-2.57 ms over six calibrations on one profile (tiny-gpt; 16 micro-batches x that spread is
-a third of a 55 ms step), with 24 0.69-1.63 ms; a run of 8 micro-batches instead of 4 at 8 or 16 steps spread
-0.30-1.56 ms. ~1 s of the profile. It narrows the draw, not removes it: a validate run's calibration at 24 steps
-still came out 2.14 ms (tiny-gpt, 18:27 on 2026-12-03), another's 0.0 ms for wide-gpt."""
+CALIBRATION_STEPS = 10
+"""Steps of each calibration run (the first 2 are warm-up)."""
+CALIBRATION_PAIRS = 3
+"""Runs of one and of MICROBATCHES_LONG micro-batches, alternating in one process. The per-micro-batch overhead
+is a difference of the two runs' step times, a few ms out of ~30, and a slow spell of the VM that falls on one run
+moved it: with one run of each kind, 24 steps, it came out 0.69-1.63 ms over six calibrations on one profile
+(tiny-gpt; 16 micro-batches x that spread is a tenth of a 100 ms step; 0.35-2.57 ms with 8 steps), and a validate
+run's calibration drew 2.14 ms, another's 0.0. One step time of the 4-micro-batch run was 29.2 ms in one copy and
+37.7 in the other at the same moment, with the yardsticks around them 2 % apart. So each adjacent pair gives a
+difference, at the pair's mean speed, and the median over pairs and copies is taken: a spell moves one pair."""
 MICROBATCHES_LONG = 4
 
 
@@ -163,7 +167,8 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     by side when the layers were timed that way. ``adamw``: adamw_s_per_param already measured (else here)."""
     sizes = sorted({lp.micro_batch_size for lp in layers if lp.tp == 1})
     small, large = sizes[0], sizes[-1]
-    timed = [(small, 1), (small, MICROBATCHES_LONG)]
+    pair = [(small, 1), (small, MICROBATCHES_LONG)]
+    timed = pair * CALIBRATION_PAIRS
     fresh = [(large, 1)] if large != small else []
 
     def job(shapes: list[tuple[int, int]]) -> Job:
@@ -180,16 +185,21 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     else:
         copies = side_by_side([job(timed)])
         large_report = side_by_side([job(fresh)])[0][0] if fresh else None
+    # at the speed the layers were profiled at: the runs come minutes later, on cores that differ in speed
+    # (46 vs 80 ms a step side by side), and raw step times minus the layers' sum put the per-micro-batch
+    # overhead anywhere from 0 to 7 ms between profiles
+    block = tp1_block_s(layers, small)
+    timed_reports = [[r["measured"] for r in c[len(c) - len(timed):]] for c in copies]
     runs = []
-    for k, (mbs, m) in enumerate(timed):
-        # at the speed the layers were profiled at: the runs come minutes later, on cores that differ in speed
-        # (46 vs 80 ms a step side by side), and raw step times minus the layers' sum put the per-micro-batch
-        # overhead anywhere from 0 to 7 ms between profiles
-        block = tp1_block_s(layers, mbs)
-        reports = [c[len(c) - len(timed) + k]["measured"] for c in copies]
+    for k, (mbs, m) in enumerate(pair):
+        reports = [r for c in timed_reports for r in c[k::2]]
         at_speed = [r["step_time_s"] / (machine_slowdown(r, block) or 1.0) for r in reports]
         runs.append(RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=statistics.fmean(at_speed),
                                peak_bytes=copies[0][k]["measured"]["peak_memory_bytes"]))
+    longer_by = statistics.median(  # what MICROBATCHES_LONG - 1 more micro-batches took, pair by pair
+        (long_["step_time_s"] - one["step_time_s"])
+        / statistics.fmean(machine_slowdown(r, block) or 1.0 for r in (one, long_))
+        for c in timed_reports for one, long_ in zip(c[0::2], c[1::2]))
     if large_report is not None:
         measured = large_report["measured"]  # its peak is what counts; its time is kept like the others'
         slowdown = machine_slowdown(measured, tp1_block_s(layers, large)) or 1.0
@@ -200,7 +210,7 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     opt_per_param, params = adamw or adamw_s_per_param(spec, dev)
     one, long_ = runs[0], runs[1]
     layer_time = _layer_sum(layers, spec, small, "time")
-    per_mb = max(0.0, (long_.step_time_s - one.step_time_s) / (MICROBATCHES_LONG - 1) - layer_time)
+    per_mb = max(0.0, longer_by / (MICROBATCHES_LONG - 1) - layer_time)
     step = max(0.0, one.step_time_s - layer_time - per_mb - opt_per_param * params)
     weight = 4 if precision == Precision.FP32 else 2
     # one micro-batch, gradients set to None: the peak is the start of backward, before any gradient exists
