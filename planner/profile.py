@@ -119,6 +119,10 @@ class RuntimeCalibration(Strict):
     """Per whole-model micro-batch, beyond its layers' own forward and backward as timed alone (loss, autograd
     engine start, gradient accumulation into .grad); planner/profiled.py charges it as a share of the layers'
     time, so each pipeline stage pays in proportion to its work."""
+    microbatch_overhead_by_mbs: dict[int, float] = {}
+    """The same at each calibrated micro-batch size (the smallest and the largest profiled); the planner
+    interpolates between them. Empty in profiles calibrated at one size, where microbatch_overhead_s holds for
+    every size."""
     optimizer_s_per_param: float = Field(ge=0)
     """AdamW step seconds per parameter of the whole model (per-tensor overheads averaged in), one thread."""
     fixed_bytes: int = Field(ge=0)

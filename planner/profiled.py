@@ -30,6 +30,7 @@ class ProfiledCosts:
         # forward and backward (charging the whole model's figure to every virtual stage priced an interleaved
         # plan with 4 stages per rank at twice what it ran)
         self.microbatch_overhead_s = rt.microbatch_overhead_s if rt else 0.0
+        self.microbatch_overhead_by_mbs = dict(sorted(rt.microbatch_overhead_by_mbs.items())) if rt else {}
         # a gradient reduction meets ranks that were computing: what that adds to a collective (0 if not measured)
         self.collective_after_compute_s = profile.collective_after_compute_s or 0.0
         self.ddp_bucket_after_compute_s = self._ddp_bucket_after_compute_s()
@@ -38,15 +39,31 @@ class ProfiledCosts:
         self.head = lru_cache(maxsize=None)(self._head)
         self.layer_overhead_fraction = lru_cache(maxsize=None)(self._layer_overhead_fraction)
 
+    def microbatch_overhead_at(self, mbs: int) -> float:
+        """The per-micro-batch overhead at ``mbs``: linear between the calibrated sizes, the nearest one's outside
+        them; the one figure where a single size was calibrated. It grows with the micro-batch: tiny-gpt's
+        whole-model micro-batch ran 0.4-0.8 ms over its layers at mbs 1 and 0.6-2.7 ms (mean 1.8) at mbs 4 (six
+        calibrations of one profile, 2026-12-03), and its single-rank steps at mbs 4 x 2 took 32-34 ms where a
+        fixed 0.4-0.9 ms priced 29-30 ms."""
+        points = self.microbatch_overhead_by_mbs
+        if len(points) < 2:
+            return self.microbatch_overhead_s
+        sizes = list(points)
+        if mbs <= sizes[0] or mbs >= sizes[-1]:
+            return points[sizes[0] if mbs <= sizes[0] else sizes[-1]]
+        hi = next(i for i, m in enumerate(sizes) if m >= mbs)
+        lo_m, hi_m = sizes[hi - 1], sizes[hi]
+        return points[lo_m] + (points[hi_m] - points[lo_m]) * (mbs - lo_m) / (hi_m - lo_m)
+
     def _layer_overhead_fraction(self, mbs: int) -> float:
-        """The per-micro-batch overhead as a share of the whole model's layers at ``mbs``. The overhead is fixed,
-        so the share falls as the layers grow: held at the calibration's micro-batch size, it priced 2-rank DP
-        plans at mbs 2 and 4 12-19 % over what they ran (per micro-batch they paid 4.7-6.6 ms over their layers
-        at mbs 1, 2 and 4 alike)."""
-        if self.microbatch_overhead_s <= 0:
+        """The per-micro-batch overhead at ``mbs`` as a share of the whole model's layers there, so that each
+        pipeline stage pays in proportion to its work. (Held at the calibration's micro-batch size instead of
+        re-taken at ``mbs``, it once priced 2-rank DP plans at mbs 2 and 4 12-19 % over what they ran.)"""
+        overhead = self.microbatch_overhead_at(mbs)
+        if overhead <= 0:
             return 0.0
         layers_s = whole_model_sum(self.profile.layers, self.profile.model, mbs, "time")
-        return self.microbatch_overhead_s / layers_s if layers_s else 0.0
+        return overhead / layers_s if layers_s else 0.0
 
     def available(self, tp: int, sp: bool, mbs: int) -> str | None:
         """Why this (tp, sp, mbs) cannot be priced from the profile, or None."""

@@ -3,10 +3,10 @@
 The layer profile (runtime/profile_layers.py) times each layer alone. A training step also pays the optimizer,
 zero_grad, the loop and the loss per micro-batch, and its peak holds more than the saved activations (backward's
 activation gradients, kernels' workspaces). Single-rank runs of the whole model with the real runtime
-(runtime/launch.py, runtime/train.py, no parallelism) of three shapes measure these (the first two alternating,
-CALIBRATION_PAIRS times); the parallel plans `mpplan validate` checks are not among them.
+(runtime/launch.py, runtime/train.py, no parallelism) of three shapes, in CALIBRATION_CYCLES cycles, measure
+these; the parallel plans `mpplan validate` checks are not among them.
 
-    t(mbs, m) = step + m * (layers(mbs) + per_microbatch) + optimizer      runs (mbs0, 1) and (mbs0, 4)
+    t(mbs, m) = step + m * (layers(mbs) + per_microbatch(mbs)) + optimizer    runs (mbs0, 1), (mbs0, 4), (mbs1, 1)
     peak(mbs) = fixed + static + factor * saved_activations(mbs) + loss(mbs)   runs (mbs0, 1) and (mbs1, 1)
 
 with static = parameters x (weight + AdamW state) bytes (one micro-batch peaks before its gradients exist) and
@@ -33,14 +33,15 @@ from runtime.model import Transformer
 
 CALIBRATION_STEPS = 10
 """Steps of each calibration run (the first 2 are warm-up)."""
-CALIBRATION_PAIRS = 3
-"""Runs of one and of MICROBATCHES_LONG micro-batches, alternating in one process. The per-micro-batch overhead
-is a difference of the two runs' step times, a few ms out of ~30, and a slow spell of the VM that falls on one run
-moved it: with one run of each kind, 24 steps, it came out 0.69-1.63 ms over six calibrations on one profile
-(tiny-gpt; 16 micro-batches x that spread is a tenth of a 100 ms step; 0.35-2.57 ms with 8 steps), and a validate
-run's calibration drew 2.14 ms, another's 0.0. One step time of the 4-micro-batch run was 29.2 ms in one copy and
-37.7 in the other at the same moment, with the yardsticks around them 2 % apart. So each adjacent pair gives a
-difference, at the pair's mean speed, and the median over pairs and copies is taken: a spell moves one pair."""
+CALIBRATION_CYCLES = 3
+"""Cycles of runs in one process: one micro-batch and MICROBATCHES_LONG micro-batches of the smallest profiled
+size, then one of the largest. The per-micro-batch overhead is a difference of two runs' step times, a few ms out
+of ~30, and a slow spell of the VM that falls on one run moved it: with one run of each kind, 24 steps, it came
+out 0.69-1.63 ms over six calibrations on one profile (tiny-gpt; 16 micro-batches x that spread is a tenth of a
+100 ms step; 0.35-2.57 ms with 8 steps), and a validate run's calibration drew 2.14 ms, another's 0.0. One step
+time of the 4-micro-batch run was 29.2 ms in one copy and 37.7 in the other at the same moment, with the
+yardsticks around them 2 % apart. So each cycle gives the differences, at its runs' mean speed, and the median
+over cycles and copies is taken: a spell moves one cycle. Three cycles: 0.42-0.77 ms over six calibrations."""
 MICROBATCHES_LONG = 4
 
 
@@ -167,8 +168,9 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     by side when the layers were timed that way. ``adamw``: adamw_s_per_param already measured (else here)."""
     sizes = sorted({lp.micro_batch_size for lp in layers if lp.tp == 1})
     small, large = sizes[0], sizes[-1]
-    pair = [(small, 1), (small, MICROBATCHES_LONG)]
-    timed = pair * CALIBRATION_PAIRS
+    # one cycle: the small micro-batch once and MICROBATCHES_LONG times, the large once (paired differences)
+    cycle = [(small, 1), (small, MICROBATCHES_LONG)] + ([(large, 1)] if large != small else [])
+    timed = cycle * CALIBRATION_CYCLES
     fresh = [(large, 1)] if large != small else []
 
     def job(shapes: list[tuple[int, int]]) -> Job:
@@ -188,30 +190,39 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     # at the speed the layers were profiled at: the runs come minutes later, on cores that differ in speed
     # (46 vs 80 ms a step side by side), and raw step times minus the layers' sum put the per-micro-batch
     # overhead anywhere from 0 to 7 ms between profiles
-    block = tp1_block_s(layers, small)
-    timed_reports = [[r["measured"] for r in c[len(c) - len(timed):]] for c in copies]
+    def slowdown(r: dict) -> float:
+        return machine_slowdown(r, tp1_block_s(layers, r["micro_batch_size"])) or 1.0
+
+    cycles = [[dict(r["measured"], micro_batch_size=mbs) for r, (mbs, _) in zip(c[len(c) - len(timed):], timed)]
+              for c in copies]
+    cycles = [c[i:i + len(cycle)] for c in cycles for i in range(0, len(timed), len(cycle))]
     runs = []
-    for k, (mbs, m) in enumerate(pair):
-        reports = [r for c in timed_reports for r in c[k::2]]
-        at_speed = [r["step_time_s"] / (machine_slowdown(r, block) or 1.0) for r in reports]
+    for k, (mbs, m) in enumerate(cycle[:2]):
+        at_speed = [c[k]["step_time_s"] / slowdown(c[k]) for c in cycles]
         runs.append(RuntimeRun(micro_batch_size=mbs, num_microbatches=m, step_time_s=statistics.fmean(at_speed),
                                peak_bytes=copies[0][k]["measured"]["peak_memory_bytes"]))
-    longer_by = statistics.median(  # what MICROBATCHES_LONG - 1 more micro-batches took, pair by pair
-        (long_["step_time_s"] - one["step_time_s"])
-        / statistics.fmean(machine_slowdown(r, block) or 1.0 for r in (one, long_))
-        for c in timed_reports for one, long_ in zip(c[0::2], c[1::2]))
+
+    def longer_by(k: int) -> float:
+        """Median over cycles of what run k took beyond the cycle's first run, at the two runs' mean speed."""
+        return statistics.median((c[k]["step_time_s"] - c[0]["step_time_s"])
+                                 / statistics.fmean(slowdown(r) for r in (c[0], c[k])) for c in cycles)
+
     if large_report is not None:
         measured = large_report["measured"]  # its peak is what counts; its time is kept like the others'
-        slowdown = machine_slowdown(measured, tp1_block_s(layers, large)) or 1.0
         runs.append(RuntimeRun(micro_batch_size=large, num_microbatches=1,
-                               step_time_s=measured["step_time_s"] / slowdown,
+                               step_time_s=measured["step_time_s"] / slowdown(dict(measured, micro_batch_size=large)),
                                peak_bytes=measured["peak_memory_bytes"]))
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     opt_per_param, params = adamw or adamw_s_per_param(spec, dev)
     one, long_ = runs[0], runs[1]
     layer_time = _layer_sum(layers, spec, small, "time")
-    per_mb = max(0.0, longer_by / (MICROBATCHES_LONG - 1) - layer_time)
+    per_mb = max(0.0, longer_by(1) / (MICROBATCHES_LONG - 1) - layer_time)
     step = max(0.0, one.step_time_s - layer_time - per_mb - opt_per_param * params)
+    # the large micro-batch against the small one: the step, the loop and the optimizer cancel, what is left is
+    # the layers' difference and the two overheads'
+    by_mbs = {small: per_mb}
+    if large != small:
+        by_mbs[large] = max(0.0, per_mb + longer_by(2) - (_layer_sum(layers, spec, large, "time") - layer_time))
     weight = 4 if precision == Precision.FP32 else 2
     # one micro-batch, gradients set to None: the peak is the start of backward, before any gradient exists
     # (planner/memory.py held_at_peak), with the loss's backward transient on top of the saved activations
@@ -225,4 +236,5 @@ def calibrate_runtime(spec: ModelSpec, layers: Sequence[LayerProfile], precision
     modelled = static + factor * _layer_sum(layers, spec, small, "bytes") + _loss_bytes(spec, small)
     fixed = max(0, round(one.peak_bytes - modelled))
     return RuntimeCalibration(step_overhead_s=step, microbatch_overhead_s=per_mb, optimizer_s_per_param=opt_per_param,
-                              fixed_bytes=fixed, activation_peak_factor=factor, runs=runs)
+                              fixed_bytes=fixed, activation_peak_factor=factor, runs=runs,
+                              microbatch_overhead_by_mbs=by_mbs)

@@ -101,6 +101,9 @@ def test_runtime_calibration_measures_positive_overheads():
     assert isinstance(cal, RuntimeCalibration)
     assert [(r.micro_batch_size, r.num_microbatches) for r in cal.runs] == [(1, 1), (1, 4), (4, 1)]
     assert all(r.step_time_s > 0 and r.peak_bytes > 0 for r in cal.runs)
+    # calibrated at the smallest and the largest profiled micro-batch
+    assert sorted(cal.microbatch_overhead_by_mbs) == [1, 4]
+    assert cal.microbatch_overhead_by_mbs[1] == cal.microbatch_overhead_s
     # AdamW on a CPU core: between 0.1 and 100 ns per parameter
     assert 1e-10 < cal.optimizer_s_per_param < 1e-7
     assert cal.activation_peak_factor >= 1.0

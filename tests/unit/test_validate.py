@@ -218,6 +218,23 @@ def test_runtime_calibration_adds_its_overheads_to_the_prediction(tmp_path):
     assert mb.total_bytes - ma.total_bytes == pytest.approx(12_000_000 + saved, abs=4)
 
 
+def test_micro_batch_overhead_is_interpolated_between_the_calibrated_sizes(tmp_path):
+    from planner.profiled import ProfiledCosts
+    from planner.specs import load_cluster
+
+    two_sizes = CALIBRATION.model_copy(update={"microbatch_overhead_by_mbs": {4: 0.006, 1: 0.003}})
+    costs = ProfiledCosts(synthetic_profile(two_sizes), load_cluster("local", 2).gpu)
+    assert [costs.microbatch_overhead_at(m) for m in (1, 2, 4, 8)] == pytest.approx([0.003, 0.004, 0.006, 0.006])
+    # one calibrated size (older profiles): its figure at every size
+    one_size = ProfiledCosts(synthetic_profile(CALIBRATION), load_cluster("local", 2).gpu)
+    assert [one_size.microbatch_overhead_at(m) for m in (1, 4)] == [0.003, 0.003]
+    # a single-stage plan of 2 micro-batches of 4 pays the overhead at mbs 4 on each
+    fixed, grown = (by_label(candidate_plans(request(tmp_path, synthetic_profile(cal)),
+                                             recompute_modes=(Recompute.NONE,))) for cal in (CALIBRATION, two_sizes))
+    key = (1, 1, 2, 1, 4, "1f1b", "none")
+    assert grown[key].predicted.step_time_s - fixed[key].predicted.step_time_s == pytest.approx(2 * 0.003, rel=1e-6)
+
+
 def test_cpu_gradient_reduction_is_not_hidden_behind_backward(tmp_path):
     plans = by_label(candidate_plans(request(tmp_path, synthetic_profile()), recompute_modes=(Recompute.NONE,)))
     one_mb = plans[(1, 1, 2, 1, 4, "1f1b", "none")]
