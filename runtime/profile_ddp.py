@@ -12,6 +12,7 @@ against the synthetic benchmark's ~2.2. planner/profiled.py spreads the measured
 from __future__ import annotations
 
 import contextlib
+import gc
 import statistics
 import time
 from typing import Callable
@@ -94,6 +95,10 @@ def ddp_rank(rank: int, world: int, port: int, spec: ModelSpec, mbs: int, result
         logged = model._get_ddp_logging_data()  # its buckets after the rebuild, e.g. "1048576, 698880"
         sizes = str(logged.get("rebuilt_bucket_sizes") or logged.get("bucket_sizes", ""))
         buckets = [int(s) for s in sizes.split(",") if s.strip()]
+        # DDP's reducer holds the process group: freed after destroy_process_group, its ProcessGroupGloo
+        # destructor hung joining a gloo worker thread (seen once in ~10 profiles), so it goes first
+        del model, step
+        gc.collect()
         report_and_leave(dist, results, rank, ("ddp", *medians, buckets))
     except Exception as e:  # the parent turns this into one RuntimeError
         report_failure(results, rank, e)
