@@ -52,11 +52,11 @@ def memory_limit_for(result: dict, fraction: float) -> int:
 
 def profile_summary(path: Path) -> dict:
     """What the predictions were priced from beyond the layers, kept to tell later which part missed: the
-    runtime calibration, the pace, the FSDP2 and TP block timings, a collective's cost after compute and the
-    machine."""
+    runtime calibration, the pace, the FSDP2 and TP block timings, a collective's cost after compute, the timed
+    DDP step and the machine."""
     profile = json.loads(path.read_text())
     return {key: profile.get(key) for key in ("device", "pace", "runtime", "tp_blocks", "fsdp_blocks", "pipeline",
-                                              "collective_after_compute_s")}
+                                              "collective_after_compute_s", "ddp_sync")}
 
 
 def main() -> None:
