@@ -17,7 +17,8 @@ formula, the collective fits' held-out error, and the wall time of the default c
    `mpplan profile` runs it, but holding out a size in every gap of the grid: ~30 s each), so the worst case is
    seen over more than two draws of this VM's noise and at every gap; and each fit against the mean of the
    other runs at the sizes it held out (against_other_runs: how far the fit is from a size's typical time,
-   apart from the noise of one run's draw of it).
+   apart from the noise of one run's draw of it), beside the run's own measurement of those sizes against the same
+   typical time (measured_worst_rel_error: the floor an exact fit of that run's data would reach).
 """
 from __future__ import annotations
 
@@ -160,15 +161,20 @@ def against_other_runs(runs: list[list[CollectiveFit]]) -> list[dict]:
     rows = []
     for run, fits in enumerate(runs):
         for fit in fits:
-            errors = []
-            for n, _ in fit.holdout_points:
+            errors, own = [], []
+            for n, own_time in fit.holdout_points:
                 others = [t for r, t in measured[(fit.op, fit.group_size, n)].items() if r != run]
                 if others:
                     typical = statistics.fmean(others)
                     errors.append(abs(fit.time_s(n) - typical) / typical)
+                    own.append(abs(own_time - typical) / typical)
             if errors:
                 rows.append({"run": run, "op": fit.op, "group_size": fit.group_size, "sizes": len(errors),
-                             "worst_rel_error": max(errors), "median_rel_error": statistics.median(errors)})
+                             "worst_rel_error": max(errors), "median_rel_error": statistics.median(errors),
+                             # the same run's own measurement of those sizes against the same typical time: the
+                             # floor a fit of this run's data could reach, were it exact at every size
+                             "measured_worst_rel_error": max(own),
+                             "measured_median_rel_error": statistics.median(own)})
     return rows
 
 
