@@ -12,6 +12,12 @@ slowest rank's pace: DDP waits for it at every step's all-reduce, a pipeline at 
 collective. Priced at the mean, validate's plans ran 10-30 % slower than predicted, almost all of them in the
 same direction. So each layer's own cost is the fastest process's fast time and the plans are priced at the
 slowest process's pace (runtime/profile_layers.py layer_profiles).
+
+Why the layers are timed in one go before the other measurements, not in passes between them: tried on
+2026-12-05 (Intel host, six profiles each way, alternating), three passes spread over the profile's first ~35 s
+left each layer's own cost no steadier (consecutive profiles 2.3-4.5 % apart at worst, against 1.2-4.5 % in one
+pass) and raised the pace a little (1.20-1.30 against 1.19-1.26; in the passes, the first ran up to 1.4x its
+fast time on one process, the later ones 1.1-1.25x). Profile wall time was the same (47-50 s either way).
 """
 from __future__ import annotations
 
